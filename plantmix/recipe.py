@@ -1,0 +1,173 @@
+"""Recipes: YAML files validated by pydantic. A bad recipe fails with one line naming file and field."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from pathlib import Path
+from typing import Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+
+from plantmix.errors import PlantmixError
+from plantmix.schema import CAPTION_TEMPLATES
+
+CaptionTemplate = Literal["scientific", "common", "taxonomic", "combined", "sample", "column"]
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+
+class DemoWorldConfig(_Strict):
+    """The embedded demo world (DESIGN §7): generated, served on loopback, then ingested like any source."""
+
+    species: int = Field(16, ge=2)
+    images_per_species: int = Field(24, ge=2)
+    heldout_per_species: int = Field(8, ge=1)
+    general_images: int = Field(240, ge=0)
+    image_size: int = Field(192, ge=32)
+    seed: int = 0
+
+
+class SourceConfig(_Strict):
+    """One input source. `path` may use `{demo}` for the generated demo world's directory."""
+
+    name: str = Field(pattern=r"^[A-Za-z0-9][A-Za-z0-9_.-]*$")
+    domain: Literal["plant", "general"]
+    format: Literal["url_list", "image_folder", "image_text_folder", "webdataset"]
+    path: str
+    # url_list: mapping from our column names to the file's (e.g. {url: URL, caption: TEXT}).
+    columns: dict[str, str] = Field(default_factory=dict)
+    # For csv/tsv/parquet/jsonl url lists; inferred from the file extension when omitted.
+    file_format: Literal["csv", "tsv", "parquet", "jsonl"] | None = None
+    caption: CaptionTemplate = "column"
+    license: str | None = None
+    attribution: str | None = None
+    priority: int = 0  # dedup keep rule: higher priority wins
+    max_rows: int | None = Field(None, ge=1)
+    # For planning only (`plantmix build --dry-run`): rows the source is expected to hold.
+    expected_rows: int | None = Field(None, ge=0)
+    # Where users obtain the source (documentation for catalogs and dataset cards).
+    homepage: str | None = None
+
+    @field_validator("columns")
+    @classmethod
+    def _known_columns(cls, v: dict[str, str]) -> dict[str, str]:
+        from plantmix.sources import MAPPABLE_COLUMNS
+
+        unknown = sorted(set(v) - set(MAPPABLE_COLUMNS))
+        if unknown:
+            raise ValueError(f"unknown target column(s) {unknown}; mappable: {sorted(MAPPABLE_COLUMNS)}")
+        return v
+
+
+class DownloadConfig(_Strict):
+    """Passed through to img2dataset."""
+
+    distributor: Literal["multiprocessing", "pyspark"] = "multiprocessing"
+    processes_count: int = Field(2, ge=1)
+    thread_count: int = Field(32, ge=1)
+    number_sample_per_shard: int = Field(1000, ge=1)
+    image_size: int = Field(512, ge=16)
+    resize_mode: Literal["no", "border", "keep_ratio", "keep_ratio_largest", "center_crop"] = "keep_ratio_largest"
+    resize_only_if_bigger: bool = True
+    encode_format: Literal["jpg", "png", "webp"] = "jpg"
+    encode_quality: int = Field(95, ge=1, le=100)
+    timeout: float = Field(10, gt=0)
+    retries: int = Field(1, ge=0)
+    min_image_size: int = Field(0, ge=0)
+    max_image_area: float = Field(64_000_000, gt=0)
+    max_aspect_ratio: float = Field(float("inf"), gt=0)
+    disallowed_header_directives: list[str] = Field(
+        default_factory=lambda: ["noai", "noimageai", "noindex", "noimageindex"]
+    )
+    allowed_schemes: list[str] = Field(default_factory=lambda: ["http", "https"])
+    user_agent_token: str | None = "plantmix"
+
+
+class DedupConfig(_Strict):
+    exact: bool = True
+    near: bool = True
+    phash_radius: int = Field(4, ge=0, le=16)
+
+
+class FilterConfig(_Strict):
+    min_side: int = Field(64, ge=0)
+    max_aspect_ratio: float = Field(4.0, ge=1)
+    caption_min_words: int = Field(2, ge=0)
+    caption_max_words: int = Field(120, ge=1)
+    caption_min_chars: int = Field(5, ge=0)
+    caption_max_chars: int = Field(1000, ge=1)
+    # Captions whose share of letters (any script) is below this are treated as garbage.
+    caption_min_letter_ratio: float = Field(0.5, ge=0, le=1)
+
+    @model_validator(mode="after")
+    def _bounds(self) -> "FilterConfig":
+        if self.caption_min_words > self.caption_max_words:
+            raise ValueError("caption_min_words exceeds caption_max_words")
+        if self.caption_min_chars > self.caption_max_chars:
+            raise ValueError("caption_min_chars exceeds caption_max_chars")
+        return self
+
+
+class Recipe(_Strict):
+    name: str = Field(pattern=r"^[A-Za-z0-9][A-Za-z0-9_.-]*$")
+    description: str = ""
+    seed: int = 0
+    demo_world: DemoWorldConfig | None = None
+    sources: list[SourceConfig] = Field(min_length=1)
+    download: DownloadConfig = Field(default_factory=DownloadConfig)
+    dedup: DedupConfig = Field(default_factory=DedupConfig)
+    filters: FilterConfig = Field(default_factory=FilterConfig)
+    mix: list[dict] | None = None  # validated by plantmix.mix when that stage runs
+
+    @model_validator(mode="after")
+    def _unique_sources(self) -> "Recipe":
+        names = [s.name for s in self.sources]
+        dup = sorted({n for n in names if names.count(n) > 1})
+        if dup:
+            raise ValueError(f"source names must be unique; repeated: {dup}")
+        if any("{demo}" in s.path for s in self.sources) and self.demo_world is None:
+            raise ValueError("a source path uses {demo} but the recipe has no demo_world section")
+        return self
+
+    def hash(self) -> str:
+        """Hash of the resolved recipe (defaults included), stable across key order and formatting."""
+        blob = json.dumps(self.model_dump(mode="json"), sort_keys=True)
+        return hashlib.sha256(blob.encode()).hexdigest()[:16]
+
+
+def _format_error(path: Path, err: ValidationError) -> str:
+    first = err.errors()[0]
+    loc = ".".join(str(p) for p in first["loc"]) or "(top level)"
+    msg = first["msg"].removeprefix("Value error, ")
+    more = f" (and {err.error_count() - 1} more problem(s))" if err.error_count() > 1 else ""
+    return f"{path}: field '{loc}': {msg}{more}"
+
+
+def load_recipe(path: str | Path) -> Recipe:
+    """Read and validate a recipe; raise PlantmixError with one clear line on any problem."""
+    path = Path(path)
+    try:
+        text = path.read_text()
+    except FileNotFoundError:
+        raise PlantmixError(f"{path}: recipe file not found") from None
+    except (OSError, UnicodeDecodeError) as e:
+        raise PlantmixError(f"{path}: cannot read recipe: {e}") from None
+    try:
+        data = yaml.safe_load(text)
+    except yaml.YAMLError as e:
+        mark = getattr(e, "problem_mark", None)
+        where = f" at line {mark.line + 1}" if mark else ""
+        raise PlantmixError(f"{path}: invalid YAML{where}: {getattr(e, 'problem', e)}") from None
+    if not isinstance(data, dict):
+        raise PlantmixError(f"{path}: a recipe must be a YAML mapping, got {type(data).__name__}")
+    try:
+        return Recipe.model_validate(data)
+    except ValidationError as e:
+        raise PlantmixError(_format_error(path, e)) from None
+
+
+assert set(CAPTION_TEMPLATES) <= set(CaptionTemplate.__args__)  # type: ignore[attr-defined]

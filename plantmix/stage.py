@@ -1,0 +1,128 @@
+"""Idempotent, atomic stages (DESIGN §3).
+
+A stage's output is valid only if its marker file `<output>.done.json` holds the fingerprint of the
+stage's inputs and parameters. Outputs are written under a temporary name and renamed into place, so a
+killed stage leaves either nothing or a complete previous output, never a half-written one.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import json
+import os
+import shutil
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pyarrow as pa
+import pyarrow.parquet as pq
+
+_CHUNK = 1 << 20
+
+
+def file_digest(path: Path) -> str:
+    """sha256 of a file's bytes (hex)."""
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        while chunk := f.read(_CHUNK):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def fingerprint(params: Any, inputs: list[Path] | tuple[Path, ...] = ()) -> str:
+    """A stable hash of JSON-able parameters and the content of input files or marker files.
+
+    A directory input is represented by its `.done.json` marker when it has one (its content hash is
+    already recorded there), else by the digests of its files in sorted order.
+    """
+    h = hashlib.sha256()
+    h.update(json.dumps(params, sort_keys=True, default=str).encode())
+    for p in inputs:
+        p = Path(p)
+        marker = done_marker(p)
+        if marker.exists():
+            h.update(marker.read_bytes())
+        elif p.is_dir():
+            for f in sorted(q for q in p.rglob("*") if q.is_file()):
+                h.update(str(f.relative_to(p)).encode())
+                h.update(file_digest(f).encode())
+        else:
+            h.update(file_digest(p).encode())
+    return h.hexdigest()
+
+
+def done_marker(output: Path) -> Path:
+    output = Path(output)
+    return output.with_name(output.name + ".done.json")
+
+
+def is_done(output: Path, key: str) -> bool:
+    """True when `output` exists and was completed with fingerprint `key`."""
+    marker = done_marker(output)
+    if not (Path(output).exists() and marker.exists()):
+        return False
+    try:
+        return json.loads(marker.read_text()).get("key") == key
+    except (OSError, ValueError):
+        return False
+
+
+def mark_done(output: Path, key: str, **info: Any) -> None:
+    atomic_write_text(done_marker(output), json.dumps({"key": key, **info}, sort_keys=True, indent=1))
+
+
+def clear_done(output: Path) -> None:
+    done_marker(output).unlink(missing_ok=True)
+
+
+def _tmp_name(path: Path) -> Path:
+    return path.with_name(f".{path.name}.tmp-{os.getpid()}")
+
+
+@contextlib.contextmanager
+def atomic_path(path: Path) -> Iterator[Path]:
+    """Yield a temporary path next to `path`; rename it onto `path` if the block succeeds.
+
+    Works for files and directories. On failure the temporary is removed and `path` is untouched.
+    """
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = _tmp_name(path)
+    _remove(tmp)
+    try:
+        yield tmp
+        if tmp.is_dir() and path.exists():
+            # os.replace cannot replace a non-empty directory: move the old one aside first.
+            old = path.with_name(f".{path.name}.old-{os.getpid()}")
+            _remove(old)
+            os.replace(path, old)
+            os.replace(tmp, path)
+            _remove(old)
+        else:
+            os.replace(tmp, path)
+    finally:
+        _remove(tmp)
+
+
+def _remove(p: Path) -> None:
+    if p.is_dir() and not p.is_symlink():
+        shutil.rmtree(p)
+    elif p.exists() or p.is_symlink():
+        p.unlink()
+
+
+def atomic_write_text(path: Path, text: str) -> None:
+    with atomic_path(path) as tmp:
+        tmp.write_text(text)
+
+
+def write_parquet(table: pa.Table, path: Path) -> None:
+    """Write a parquet file atomically (zstd, deterministic layout)."""
+    with atomic_path(path) as tmp:
+        pq.write_table(table, tmp, compression="zstd", row_group_size=256_000)
+
+
+def read_parquet(path: Path) -> pa.Table:
+    return pq.read_table(path)
