@@ -43,6 +43,8 @@ class SourceConfig(_Strict):
     # For csv/tsv/parquet/jsonl url lists; inferred from the file extension when omitted.
     file_format: Literal["csv", "tsv", "parquet", "jsonl"] | None = None
     caption: CaptionTemplate = "column"
+    # image_folder: optional csv mapping `folder` → taxon_* / common_name columns.
+    taxonomy: str | None = None
     license: str | None = None
     attribution: str | None = None
     priority: int = 0  # dedup keep rule: higher priority wins
@@ -102,6 +104,8 @@ class FilterConfig(_Strict):
     caption_max_chars: int = Field(1000, ge=1)
     # Captions whose share of letters (any script) is below this are treated as garbage.
     caption_min_letter_ratio: float = Field(0.5, ge=0, le=1)
+    # Unicode scripts allowed in captions (e.g. [LATIN]); empty = any script.
+    caption_scripts: list[str] = Field(default_factory=list)
 
     @model_validator(mode="after")
     def _bounds(self) -> "FilterConfig":

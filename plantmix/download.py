@@ -1,0 +1,207 @@
+"""Download: one img2dataset run per source into `download/<source>/` (webdataset shards, untouched).
+
+img2dataset runs in a child process (its own process group) so that its output goes to a log file, a
+progress bar can follow its `*_stats.json` files, and a build killed mid-download leaves no orphan
+writing into the folder: the group id is recorded and a rerun ends any survivor before resuming with
+img2dataset's own incremental mode (finished shards are kept, unfinished ones redone).
+"""
+
+from __future__ import annotations
+
+import ctypes
+import hashlib
+import json
+import math
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pyarrow as pa
+import pyarrow.compute as pc
+
+from plantmix.errors import PlantmixError
+from plantmix.recipe import DownloadConfig
+from plantmix.stage import atomic_write_text, is_done, mark_done, write_parquet
+
+# img2dataset settings we fix: the manifest contract depends on them.
+_FIXED = dict(
+    output_format="webdataset",
+    input_format="parquet",
+    url_col="url",
+    caption_col="caption",
+    save_additional_columns=["uid"],
+    compute_hash="sha256",
+    incremental_mode="incremental",
+    extract_exif=False,
+    enable_wandb=False,
+)
+
+
+def fetch_urls(table: pa.Table, url_rewrite: dict[str, str] | None = None) -> pa.Array:
+    """The URL img2dataset fetches for each row: local paths as file:// URIs, remote URLs with prefix rewrites.
+
+    `url_rewrite` maps a URL prefix to a replacement (a mirror, or the demo world's live server); the
+    manifest keeps the original URL, so uids and manifests do not depend on where bytes were fetched.
+    """
+    urls = []
+    for url, path in zip(table["url"].to_pylist(), table["path"].to_pylist()):
+        if path is not None:
+            urls.append(Path(path).resolve().as_uri())
+            continue
+        for prefix, replacement in (url_rewrite or {}).items():
+            if url.startswith(prefix):
+                url = replacement + url[len(prefix) :]
+                break
+        urls.append(url)
+    return pa.array(urls, pa.string())
+
+
+def source_fingerprint(rows: pa.Table, cfg: DownloadConfig) -> str:
+    """Identity of a source's download: its (uid, url, path, caption) rows and the img2dataset settings."""
+    h = hashlib.sha256(json.dumps(_img2dataset_args(cfg), sort_keys=True).encode())
+    for col in ("uid", "url", "path", "caption"):
+        h.update(col.encode())
+        for v in rows[col].to_pylist():
+            h.update(b"\x00" if v is None else v.encode() + b"\x01")
+    return h.hexdigest()
+
+
+def _img2dataset_args(cfg: DownloadConfig) -> dict:
+    return dict(
+        _FIXED,
+        distributor=cfg.distributor,
+        processes_count=cfg.processes_count,
+        thread_count=cfg.thread_count,
+        number_sample_per_shard=cfg.number_sample_per_shard,
+        image_size=cfg.image_size,
+        resize_mode=cfg.resize_mode,
+        resize_only_if_bigger=cfg.resize_only_if_bigger,
+        encode_format=cfg.encode_format,
+        encode_quality=cfg.encode_quality,
+        timeout=cfg.timeout,
+        retries=cfg.retries,
+        min_image_size=cfg.min_image_size,
+        max_image_area=cfg.max_image_area,
+        max_aspect_ratio=cfg.max_aspect_ratio,
+        disallowed_header_directives=cfg.disallowed_header_directives,
+        user_agent_token=cfg.user_agent_token,
+    )
+
+
+# The child: create a small local Spark session first when asked (img2dataset would otherwise ask for
+# 16 GB of driver memory), then call img2dataset's Python API with the JSON arguments.
+_CHILD = r"""
+import json, os, sys
+os.environ.setdefault("NO_ALBUMENTATIONS_UPDATE", "1")
+args = json.loads(sys.argv[1])
+if args["distributor"] == "pyspark":
+    from pyspark.sql import SparkSession
+    spark = (SparkSession.builder.master(f"local[{args['processes_count']}]")
+             .config("spark.driver.memory", "2g").config("spark.ui.enabled", "false")
+             .appName("plantmix-download").getOrCreate())
+    spark.sparkContext.setLogLevel("ERROR")
+from img2dataset import download
+download(**args)
+"""
+
+
+def _die_with_parent() -> None:
+    """In the child: own process group, and SIGKILL when the parent dies (Linux prctl)."""
+    os.setsid()
+    try:
+        ctypes.CDLL("libc.so.6", use_errno=True).prctl(1, signal.SIGKILL)  # PR_SET_PDEATHSIG
+    except OSError:
+        pass
+
+
+def _kill_leftover(started: Path) -> None:
+    try:
+        pgid = json.loads(started.read_text()).get("pgid")
+    except (OSError, ValueError):
+        return
+    if pgid:
+        try:
+            os.killpg(pgid, signal.SIGKILL)
+            time.sleep(0.2)
+        except (ProcessLookupError, PermissionError):
+            pass
+
+
+def download_source(
+    rows: pa.Table,
+    out_dir: Path,
+    cfg: DownloadConfig,
+    url_rewrite: dict[str, str] | None = None,
+    progress=None,
+) -> dict:
+    """Download one source's fetchable rows (uid, url, path, caption) with img2dataset into `out_dir`.
+
+    Idempotent: a finished download with the same fingerprint is skipped. A partial one from the same
+    inputs resumes; anything else is wiped first. Returns a summary dict (counts by status).
+    """
+    out_dir = Path(out_dir)
+    key = source_fingerprint(rows, cfg)
+    if is_done(out_dir, key):
+        return {"skipped": True}
+    started = out_dir.with_name(out_dir.name + ".started.json")
+    _kill_leftover(started)
+    try:
+        same_inputs = json.loads(started.read_text()).get("key") == key
+    except (OSError, ValueError):
+        same_inputs = False
+    if out_dir.exists() and not same_inputs:
+        import shutil
+
+        shutil.rmtree(out_dir)
+    out_dir.parent.mkdir(parents=True, exist_ok=True)
+
+    input_path = out_dir.with_name(out_dir.name + ".input.parquet")
+    write_parquet(
+        pa.table({"url": fetch_urls(rows, url_rewrite), "caption": rows["caption"], "uid": rows["uid"]}), input_path
+    )
+    args = dict(_img2dataset_args(cfg), url_list=str(input_path), output_folder=str(out_dir))
+    log_path = out_dir.with_name(out_dir.name + ".log")
+    expected_shards = max(1, math.ceil(rows.num_rows / cfg.number_sample_per_shard))
+    env = dict(os.environ, NO_ALBUMENTATIONS_UPDATE="1", PYSPARK_PYTHON=sys.executable)
+    with open(log_path, "ab") as log:
+        proc = subprocess.Popen(
+            [sys.executable, "-c", _CHILD, json.dumps(args)],
+            stdout=log,
+            stderr=subprocess.STDOUT,
+            stdin=subprocess.DEVNULL,
+            preexec_fn=_die_with_parent,
+            env=env,
+        )
+        atomic_write_text(started, json.dumps({"key": key, "pgid": proc.pid}))
+        try:
+            while proc.poll() is None:
+                if progress is not None:
+                    progress(len(list(out_dir.glob("*_stats.json"))), expected_shards)
+                time.sleep(0.3)
+        except BaseException:
+            os.killpg(proc.pid, signal.SIGKILL)
+            raise
+    if proc.returncode != 0:
+        tail = log_path.read_text(errors="replace").strip().splitlines()[-1:] or ["(no output)"]
+        raise PlantmixError(f"img2dataset failed for {out_dir.name} (exit {proc.returncode}): {tail[0]} — see {log_path}")
+    summary = summarize_download(out_dir)
+    if progress is not None:
+        progress(expected_shards, expected_shards)
+    mark_done(out_dir, key, rows=rows.num_rows, **summary)
+    started.unlink(missing_ok=True)
+    return summary
+
+
+def summarize_download(out_dir: Path) -> dict:
+    """Counts by img2dataset status across a download folder's per-shard parquet files."""
+    import pyarrow.parquet as pq
+
+    counts: dict[str, int] = {}
+    for f in sorted(Path(out_dir).glob("*.parquet")):
+        t = pq.read_table(f, columns=["status"])
+        for item in pc.value_counts(t["status"]).to_pylist():
+            counts[item["values"]] = counts.get(item["values"], 0) + item["counts"]
+    return {"status_counts": counts}

@@ -1,0 +1,149 @@
+"""The funnel (rows in → drops by reason → kept, per source and domain) and the build's PNG plots."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import duckdb
+import pyarrow as pa
+import pyarrow.parquet as pq
+from rich.console import Console
+from rich.table import Table
+
+from plantmix.errors import PlantmixError
+from plantmix.schema import DROP_DOWNLOAD_FAILED
+
+COLLAPSED = "duplicate_uid_collapsed"
+
+
+def funnel(manifest: pa.Table) -> pa.Table:
+    """Long-form funnel: (source, domain, stage, reason, rows).
+
+    stage is one of `in`, `ingest`, `download`, `curation`, `kept`. Download failures are split by
+    img2dataset status; rows collapsed at ingest (same uid within a source) count under ingest. For every
+    source, rows `in` = the sum of all other stages — the accounting identity tests check.
+    """
+    con = duckdb.connect()
+    con.register("m", manifest)
+    return con.execute(
+        f"""
+        SELECT source, domain, 'in' AS stage, 'rows read' AS reason, sum(input_rows) AS rows FROM m GROUP BY 1, 2
+        UNION ALL
+        SELECT source, domain, 'ingest', '{COLLAPSED}', sum(input_rows - 1) FROM m GROUP BY 1, 2 HAVING sum(input_rows - 1) > 0
+        UNION ALL
+        SELECT source, domain, 'ingest', drop_reason, count(*) FROM m
+          WHERE NOT keep AND status = 'not_attempted' GROUP BY 1, 2, 4
+        UNION ALL
+        SELECT source, domain, 'download', status, count(*) FROM m
+          WHERE NOT keep AND drop_reason = '{DROP_DOWNLOAD_FAILED}' GROUP BY 1, 2, 4
+        UNION ALL
+        SELECT source, domain, 'curation', drop_reason, count(*) FROM m
+          WHERE NOT keep AND status <> 'not_attempted' AND drop_reason <> '{DROP_DOWNLOAD_FAILED}' GROUP BY 1, 2, 4
+        UNION ALL
+        SELECT source, domain, 'kept', 'kept', count(*) FILTER (WHERE keep) FROM m GROUP BY 1, 2
+        ORDER BY source, CASE stage WHEN 'in' THEN 0 WHEN 'ingest' THEN 1 WHEN 'download' THEN 2
+                 WHEN 'curation' THEN 3 ELSE 4 END, rows DESC, reason
+        """
+    ).arrow()
+
+
+def funnel_table(f: pa.Table, title: str = "Funnel") -> Table:
+    """A rich table: one row per (stage, reason), one column per source, plus plant/general/total."""
+    rows = f.to_pylist()
+    sources = list(dict.fromkeys(r["source"] for r in rows))
+    domain_of = {r["source"]: r["domain"] for r in rows}
+    order = list(dict.fromkeys((r["stage"], r["reason"]) for r in sorted(rows, key=_stage_rank)))
+    counts = {(r["stage"], r["reason"], r["source"]): int(r["rows"]) for r in rows}
+    table = Table(title=title, show_lines=False)
+    table.add_column("stage")
+    table.add_column("reason")
+    for s in sources:
+        table.add_column(f"{s}\n({domain_of[s]})", justify="right")
+    for d in ("plant", "general"):
+        table.add_column(d, justify="right")
+    table.add_column("total", justify="right", style="bold")
+    for stage, reason in order:
+        vals = [counts.get((stage, reason, s), 0) for s in sources]
+        per_domain = [sum(v for v, s in zip(vals, sources) if domain_of[s] == d) for d in ("plant", "general")]
+        style = "bold green" if stage == "kept" else ("bold" if stage == "in" else None)
+        table.add_row(stage, reason, *[f"{v:,}" for v in vals], *[f"{v:,}" for v in per_domain], f"{sum(vals):,}", style=style)
+    return table
+
+
+def _stage_rank(r: dict) -> tuple:
+    return ({"in": 0, "ingest": 1, "download": 2, "curation": 3, "kept": 4}[r["stage"]], -int(r["rows"]), r["reason"])
+
+
+def write_plots(manifest: pa.Table, out_dir: Path) -> list[Path]:
+    """Image size and caption length histograms, and composition by source and domain (kept rows)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    out_dir.mkdir(parents=True, exist_ok=True)
+    con = duckdb.connect()
+    con.register("m", manifest)
+    written = []
+
+    sizes = con.execute(
+        "SELECT coalesce(original_width, width) w, coalesce(original_height, height) h FROM m WHERE status = 'success'"
+    ).fetchnumpy()
+    fig, ax = plt.subplots(figsize=(6, 4))
+    if len(sizes["w"]):
+        ax.hist([sizes["w"], sizes["h"]], bins=40, label=["width", "height"], log=True)
+        ax.legend()
+    ax.set(title="Downloaded image sizes (original)", xlabel="pixels", ylabel="images")
+    written.append(_save(fig, out_dir / "image_sizes.png"))
+
+    words = con.execute(
+        "SELECT keep, length(string_split(trim(coalesce(caption, '')), ' ')) AS n FROM m WHERE status = 'success'"
+    ).fetchnumpy()
+    fig, ax = plt.subplots(figsize=(6, 4))
+    if len(words["n"]):
+        ax.hist([words["n"][words["keep"]], words["n"][~words["keep"]]], bins=30, stacked=True, label=["kept", "dropped"])
+        ax.legend()
+    ax.set(title="Caption length", xlabel="words", ylabel="rows")
+    written.append(_save(fig, out_dir / "caption_lengths.png"))
+
+    comp = con.execute(
+        "SELECT source, domain, count(*) FILTER (WHERE keep) AS kept FROM m GROUP BY 1, 2 ORDER BY 2 DESC, 1"
+    ).fetchall()
+    fig, ax = plt.subplots(figsize=(6, 4))
+    colors = {"plant": "tab:green", "general": "tab:blue"}
+    ax.barh([c[0] for c in comp], [c[2] for c in comp], color=[colors.get(c[1], "gray") for c in comp])
+    ax.set(title="Kept rows by source (green: plant, blue: general)", xlabel="rows")
+    written.append(_save(fig, out_dir / "composition.png"))
+    return written
+
+
+def _save(fig, path: Path) -> Path:
+    import matplotlib.pyplot as plt
+
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+    return path
+
+
+def load_manifest(build_dir: Path) -> pa.Table:
+    path = Path(build_dir) / "manifest.parquet"
+    if not path.exists():
+        raise PlantmixError(f"{build_dir}: no manifest.parquet (run `plantmix build` first)")
+    return pq.read_table(path)
+
+
+def write_stats(build_dir: Path, console: Console | None = None) -> pa.Table:
+    """Print the funnel of a build, write reports/funnel.csv and the PNG plots; return the funnel."""
+    console = console or Console()
+    manifest = load_manifest(build_dir)
+    f = funnel(manifest)
+    console.print(funnel_table(f, title=f"Funnel — {build_dir}"))
+    reports = Path(build_dir) / "reports"
+    reports.mkdir(parents=True, exist_ok=True)
+    import pyarrow.csv as pacsv
+
+    pacsv.write_csv(f, reports / "funnel.csv")
+    for p in write_plots(manifest, reports):
+        console.print(f"wrote {p}")
+    return f

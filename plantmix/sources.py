@@ -1,0 +1,203 @@
+"""Source readers: URL lists, image folders and existing webdataset shards → rows with our column names.
+
+Every reader returns a pyarrow Table whose columns are a subset of MAPPABLE_COLUMNS plus `path`
+(local image file) and `source_key` (the stable per-source identity used for the uid). Readers never
+drop rows; validation (schemes, duplicates) happens in ingest, where it is counted.
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import re
+import tarfile
+from pathlib import Path
+
+import pyarrow as pa
+import pyarrow.csv as pacsv
+import pyarrow.json as pajson
+import pyarrow.parquet as pq
+from braceexpand import braceexpand
+
+from plantmix.errors import PlantmixError
+from plantmix.schema import TAXON_COLUMNS
+from plantmix.stage import atomic_path
+
+MAPPABLE_COLUMNS = ("url", "caption", "key", "license", "attribution", *TAXON_COLUMNS, "common_name")
+IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".webp", ".bmp", ".gif", ".tif", ".tiff")
+_SAFE_NAME = re.compile(r"[^A-Za-z0-9._-]+")
+
+
+def read_url_list(path: Path, columns: dict[str, str], file_format: str | None, source: str) -> pa.Table:
+    """Read a csv/tsv/parquet/jsonl URL list and rename its columns to ours (missing optional columns → absent)."""
+    fmt = file_format or _infer_format(path, source)
+    try:
+        if fmt == "parquet":
+            table = pq.read_table(path)
+        elif fmt in ("csv", "tsv"):
+            table = pacsv.read_csv(
+                path,
+                parse_options=pacsv.ParseOptions(delimiter="\t" if fmt == "tsv" else ",", newlines_in_values=True),
+                convert_options=pacsv.ConvertOptions(strings_can_be_null=False, column_types=None),
+            )
+        else:
+            table = pajson.read_json(path)
+    except FileNotFoundError:
+        raise PlantmixError(f"source '{source}': file not found: {path}") from None
+    except (pa.ArrowInvalid, OSError, UnicodeDecodeError) as e:
+        raise PlantmixError(f"source '{source}': cannot read {path} as {fmt}: {str(e).splitlines()[0]}") from None
+
+    mapping = {ours: columns.get(ours, ours) for ours in MAPPABLE_COLUMNS}
+    if mapping["url"] not in table.column_names:
+        raise PlantmixError(
+            f"source '{source}': {path} has no url column '{mapping['url']}' "
+            f"(columns: {', '.join(table.column_names)}); map it with `columns: {{url: <name>}}`"
+        )
+    missing = [theirs for ours, theirs in columns.items() if theirs not in table.column_names]
+    if missing:
+        raise PlantmixError(f"source '{source}': {path} lacks mapped column(s) {missing} (columns: {', '.join(table.column_names)})")
+    out = {}
+    for ours, theirs in mapping.items():
+        if theirs in table.column_names:
+            col = table.column(theirs)
+            out["source_key" if ours == "key" else ours] = col if col.type == pa.string() else col.cast(pa.string())
+    return pa.table(out)
+
+
+def _infer_format(path: Path, source: str) -> str:
+    suffixes = "".join(path.suffixes[-2:]).lower()
+    for ext, fmt in ((".parquet", "parquet"), (".csv", "csv"), (".tsv", "tsv"), (".jsonl", "jsonl"), (".json", "jsonl")):
+        if suffixes.endswith(ext) or path.suffix.lower() == ext:
+            return fmt
+    raise PlantmixError(
+        f"source '{source}': cannot tell the format of {path} from its extension; set `file_format` to csv, tsv, parquet or jsonl"
+    )
+
+
+def _load_taxonomy(path: Path | None, source: str) -> dict[str, dict[str, str]]:
+    """folder name → taxon columns, from a csv with a `folder` column (optional)."""
+    if path is None:
+        return {}
+    try:
+        table = pacsv.read_csv(path).to_pylist()
+    except (FileNotFoundError, pa.ArrowInvalid) as e:
+        raise PlantmixError(f"source '{source}': cannot read taxonomy table {path}: {str(e).splitlines()[0]}") from None
+    if table and "folder" not in table[0]:
+        raise PlantmixError(f"source '{source}': taxonomy table {path} needs a 'folder' column")
+    return {str(r["folder"]): {k: v for k, v in r.items() if k in MAPPABLE_COLUMNS and v not in (None, "")} for r in table}
+
+
+def _require_dir(path: Path, source: str) -> None:
+    if not path.is_dir():
+        raise PlantmixError(f"source '{source}': image folder not found or not a directory: {path}")
+
+
+def read_image_folder(root: Path, source: str, taxonomy: Path | None = None) -> pa.Table:
+    """ImageFolder layout `root/<class>/<image>`: the class folder names the species.
+
+    `Genus_species` (or `Genus species`) folder names give species and genus; an optional taxonomy
+    table adds or overrides columns per folder.
+    """
+    _require_dir(root, source)
+    taxa_by_folder = _load_taxonomy(taxonomy, source)
+    rows = []
+    for cls in sorted(p for p in root.iterdir() if p.is_dir()):
+        name = cls.name.replace("_", " ").strip()
+        taxa = {"taxon_species": name, "taxon_genus": name.split(" ")[0], **taxa_by_folder.get(cls.name, {})}
+        for img in sorted(p for p in cls.rglob("*") if p.suffix.lower() in IMAGE_EXTENSIONS and p.is_file()):
+            rows.append({"path": str(img.resolve()), "source_key": str(img.relative_to(root)), **taxa})
+    return _rows_to_table(rows)
+
+
+def _rows_to_table(rows: list[dict]) -> pa.Table:
+    """Rows with differing keys → a string table over the union of keys (missing values null)."""
+    names = list(dict.fromkeys(["path", *(k for r in rows for k in r)]))
+    return pa.table({n: pa.array([r.get(n) for r in rows], pa.string()) for n in names})
+
+
+def read_image_text_folder(root: Path, source: str) -> pa.Table:
+    """Images with a caption in a same-named `.txt` file beside them (a missing .txt gives a null caption)."""
+    _require_dir(root, source)
+    rows = []
+    for img in sorted(p for p in root.rglob("*") if p.suffix.lower() in IMAGE_EXTENSIONS and p.is_file()):
+        txt = img.with_suffix(".txt")
+        caption = txt.read_text(errors="replace").strip() if txt.exists() else None
+        rows.append({"path": str(img.resolve()), "source_key": str(img.relative_to(root)), "caption": caption})
+    return _rows_to_table(rows)
+
+
+def expand_shards(pattern: str, source: str) -> list[Path]:
+    """A directory (all .tar inside), a brace pattern (`shards/{00000..00009}.tar`) or one tar path."""
+    p = Path(pattern)
+    if p.is_dir():
+        paths = sorted(p.glob("*.tar"))
+    else:
+        paths = [Path(x) for x in braceexpand(pattern)]
+    missing = [str(x) for x in paths if not x.is_file()]
+    if not paths or missing:
+        raise PlantmixError(f"source '{source}': webdataset shard(s) not found: {missing[:3] or pattern}")
+    return paths
+
+
+def safe_member_stem(key: str) -> str:
+    """A file-name-safe version of an external tar sample key: no separators, no leading dots."""
+    stem = _SAFE_NAME.sub("_", key).lstrip("._") or "sample"
+    return stem[:120]
+
+
+def read_webdataset(pattern: str, source: str, extract_dir: Path) -> pa.Table:
+    """Read samples from existing webdataset tars; images are extracted under `extract_dir` with sanitised names.
+
+    Member names from external tars are never used as paths: only regular members are read, through
+    `extractfile`, and written under a sanitised stem plus an index, so `../` or absolute names cannot escape.
+    """
+    rows = []
+    extract_dir.mkdir(parents=True, exist_ok=True)
+    for shard in expand_shards(pattern, source):
+        samples: dict[str, dict[str, bytes]] = {}
+        order: list[str] = []
+        try:
+            with tarfile.open(shard, "r:*") as tar:
+                for m in tar:
+                    if not m.isreg():
+                        continue
+                    base = m.name.rsplit("/", 1)[-1]
+                    key, _, ext = base.partition(".")
+                    prefix = m.name.rsplit("/", 1)[0] + "/" if "/" in m.name else ""
+                    key = prefix + key
+                    if key not in samples:
+                        samples[key] = {}
+                        order.append(key)
+                    data = tar.extractfile(m)
+                    samples[key][ext.lower()] = data.read() if data else b""
+        except (tarfile.TarError, OSError, EOFError) as e:
+            raise PlantmixError(f"source '{source}': cannot read webdataset shard {shard}: {e}") from None
+        for i, key in enumerate(order):
+            parts = samples[key]
+            img_ext = next((e for e in ("jpg", "jpeg", "png", "webp") if e in parts), None)
+            meta = _json_or_empty(parts.get("json"))
+            caption = parts["txt"].decode("utf-8", "replace").strip() if "txt" in parts else meta.get("caption")
+            row = {"source_key": f"{shard.name}/{key}", "caption": caption, "url": meta.get("url")}
+            if img_ext is not None:
+                out = extract_dir / f"{shard.stem}-{i:06d}-{safe_member_stem(key)}.{img_ext}"
+                if not out.exists():
+                    with atomic_path(out) as tmp:
+                        tmp.write_bytes(parts[img_ext])
+                row["path"] = str(out.resolve())
+            else:
+                row["path"] = None
+            for k in MAPPABLE_COLUMNS:
+                if k not in row and k in meta and k != "key" and meta[k] is not None:
+                    row[k] = str(meta[k])
+            rows.append(row)
+    return _rows_to_table(rows)
+
+
+def _json_or_empty(data: bytes | None) -> dict:
+    if not data:
+        return {}
+    try:
+        value = json.load(io.BytesIO(data))
+    except ValueError:
+        return {}
+    return value if isinstance(value, dict) else {}

@@ -1,0 +1,144 @@
+import io
+import json
+import tarfile
+from pathlib import Path
+
+import pandas as pd
+import pyarrow.compute as pc
+import pytest
+from PIL import Image
+
+from plantmix.errors import PlantmixError
+from plantmix.ingest import ingest, make_uid
+from plantmix.recipe import Recipe
+
+ROWS = [
+    {"URL": "http://a.example/1.jpg", "TEXT": "a leaf of oak", "sp": "Quercus robur"},
+    {"URL": "https://a.example/2.jpg", "TEXT": "a leaf of maple", "sp": "Acer campestre"},
+    {"URL": "ftp://a.example/3.jpg", "TEXT": "wrong scheme", "sp": None},
+    {"URL": "file:///etc/passwd", "TEXT": "local file", "sp": None},
+    {"URL": None, "TEXT": "no url", "sp": None},
+    {"URL": "http://a.example/1.jpg", "TEXT": "a leaf of oak", "sp": "Quercus robur"},  # repeated
+]
+
+
+def recipe(**source) -> Recipe:
+    base = {"name": "s", "domain": "plant", "format": "url_list", "path": "x"}
+    return Recipe.model_validate({"name": "t", "sources": [{**base, **source}]})
+
+
+def write_list(tmp_path: Path, fmt: str) -> Path:
+    df = pd.DataFrame(ROWS)
+    p = tmp_path / f"urls.{fmt}"
+    if fmt == "csv":
+        df.to_csv(p, index=False)
+    elif fmt == "tsv":
+        df.to_csv(p, index=False, sep="\t")
+    elif fmt == "parquet":
+        df.to_parquet(p)
+    else:
+        df.to_json(p, orient="records", lines=True)
+    return p
+
+
+@pytest.mark.parametrize("fmt", ["csv", "tsv", "parquet", "jsonl"])
+def test_url_list_formats_and_accounting(tmp_path, fmt):
+    path = write_list(tmp_path, fmt)
+    r = recipe(path=str(path), columns={"url": "URL", "caption": "TEXT", "taxon_species": "sp"}, caption="scientific")
+    table, [report] = ingest(r, tmp_path, tmp_path / "x")
+    assert report.rows_read == 6 and report.collapsed == 1 and table.num_rows == 5
+    assert pc.sum(table["input_rows"]).as_py() == 6
+    reasons = table["drop_reason"].to_pylist()
+    assert reasons == [None, None, "unsupported_url_scheme", "unsupported_url_scheme", "missing_url"]
+    assert table["caption"].to_pylist()[:2] == ["a photo of Quercus robur.", "a photo of Acer campestre."]
+    # a template whose fields are missing falls back to the source's own caption
+    assert table["caption"].to_pylist()[2] == "wrong scheme"
+    assert table["uid"][0].as_py() == make_uid("s", "http://a.example/1.jpg")
+    assert len(set(table["uid"].to_pylist())) == 5
+
+
+def test_uid_is_stable_and_source_scoped():
+    assert make_uid("a", "u") == make_uid("a", "u") != make_uid("b", "u")
+
+
+def test_missing_url_column_is_a_clear_error(tmp_path):
+    path = write_list(tmp_path, "csv")
+    with pytest.raises(PlantmixError, match=r"no url column 'link'.*columns: URL, TEXT, sp"):
+        ingest(recipe(path=str(path), columns={"url": "link"}), tmp_path, tmp_path)
+    with pytest.raises(PlantmixError, match="no url column 'url'"):
+        ingest(recipe(path=str(path)), tmp_path, tmp_path)
+
+
+def test_unreadable_and_unknown_files(tmp_path):
+    bad = tmp_path / "urls.parquet"
+    bad.write_bytes(b"not parquet at all")
+    with pytest.raises(PlantmixError, match="cannot read .*urls.parquet as parquet"):
+        ingest(recipe(path=str(bad)), tmp_path, tmp_path)
+    with pytest.raises(PlantmixError, match="file not found"):
+        ingest(recipe(path=str(tmp_path / "none.csv")), tmp_path, tmp_path)
+    odd = tmp_path / "urls.xyz"
+    odd.write_text("url\n")
+    with pytest.raises(PlantmixError, match="set `file_format`"):
+        ingest(recipe(path=str(odd)), tmp_path, tmp_path)
+
+
+def _png() -> bytes:
+    buf = io.BytesIO()
+    Image.new("RGB", (8, 8), "green").save(buf, "PNG")
+    return buf.getvalue()
+
+
+def test_image_folder_with_taxonomy_captions(tmp_path):
+    for cls in ("Quercus_robur", "Acer_campestre"):
+        (tmp_path / "imgs" / cls).mkdir(parents=True)
+        for i in range(2):
+            (tmp_path / "imgs" / cls / f"{i}.png").write_bytes(_png())
+    (tmp_path / "tax.csv").write_text("folder,common_name,taxon_family\nQuercus_robur,English oak,Fagaceae\n")
+    r = recipe(format="image_folder", path="imgs", taxonomy="tax.csv", caption="combined")
+    table, [report] = ingest(r, tmp_path, tmp_path / "x")
+    assert report.rows_read == 4 and table.num_rows == 4
+    caps = table["caption"].to_pylist()
+    assert caps[0] == "a photo of Acer campestre." and caps[2] == "a photo of English oak (Quercus robur), a plant of the family Fagaceae."
+    assert all(p.endswith(".png") and Path(p).is_file() for p in table["path"].to_pylist())
+    assert table["drop_reason"].null_count == 4
+
+
+def test_image_text_folder(tmp_path):
+    (tmp_path / "d").mkdir()
+    (tmp_path / "d" / "a.png").write_bytes(_png())
+    (tmp_path / "d" / "a.txt").write_text("a green square\n")
+    (tmp_path / "d" / "b.png").write_bytes(_png())
+    table, _ = ingest(recipe(format="image_text_folder", path="d"), tmp_path, tmp_path)
+    assert table["caption"].to_pylist() == ["a green square", None]
+
+
+def test_webdataset_member_names_are_sanitised(tmp_path):
+    tar_path = tmp_path / "shard.tar"
+    with tarfile.open(tar_path, "w") as tar:
+        def add(name: str, data: bytes) -> None:
+            info = tarfile.TarInfo(name)
+            info.size = len(data)
+            tar.addfile(info, io.BytesIO(data))
+
+        add("../../evil.png", _png())
+        add("../../evil.txt", b"escaping caption")
+        add("/abs/path.png", _png())
+        add("ok.jpg", _png())
+        add("ok.json", json.dumps({"caption": "from json", "license": "CC0"}).encode())
+        link = tarfile.TarInfo("link.png")
+        link.type = tarfile.SYMTYPE
+        link.linkname = "/etc/passwd"
+        tar.addfile(link)
+    table, [report] = ingest(recipe(format="webdataset", path=str(tar_path)), tmp_path, tmp_path / "extracted")
+    assert report.rows_read == 3
+    extracted = tmp_path / "extracted" / "s"
+    for p in table["path"].to_pylist():
+        assert Path(p).parent == extracted.resolve()
+    assert not (tmp_path.parent / "evil.png").exists()
+    assert table["caption"].to_pylist() == ["escaping caption", None, "from json"]
+    assert table["license"].to_pylist()[2] == "CC0"
+
+
+def test_unknown_format_rejected_by_recipe():
+    with pytest.raises(Exception, match="format"):
+        recipe(format="zip")
