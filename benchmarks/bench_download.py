@@ -1,0 +1,93 @@
+"""plantmix's download stage vs a bare img2dataset call on the same demo URL list, in one run.
+
+Serves the demo world on loopback, takes its fault-free rows (timeouts would measure the server's
+sleep, not the downloader), and downloads them twice with identical img2dataset settings: once through
+`plantmix.download.download_source` (child process, progress polling, fingerprinting, summary) and once
+with `img2dataset.download` called directly. Prints images/s for both and the ratio (target ≥ 0.95).
+
+    python benchmarks/bench_download.py [--species 24] [--images 40] [--repeats 2]
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import shutil
+import tempfile
+import time
+from pathlib import Path
+
+os.environ.setdefault("NO_ALBUMENTATIONS_UPDATE", "1")
+
+import pyarrow as pa  # noqa: E402
+import pyarrow.compute as pc  # noqa: E402
+import pyarrow.parquet as pq  # noqa: E402
+
+from plantmix.demo import DEMO_BASE_URL  # noqa: E402
+from plantmix.demo.server import serve_world  # noqa: E402
+from plantmix.demo.world import generate_world  # noqa: E402
+from plantmix.download import _img2dataset_args, download_source, fetch_urls  # noqa: E402
+from plantmix.ingest import make_uid  # noqa: E402
+from plantmix.recipe import DemoWorldConfig, DownloadConfig  # noqa: E402
+
+
+def clean_rows(world: Path) -> pa.Table:
+    truth = pq.read_table(world / "ground_truth.parquet")
+    ok_urls = set(truth.filter(pc.equal(truth["fault"], "ok"))["url"].to_pylist())
+    tables = [pq.read_table(world / f"{name}_urls.parquet") for name in ("plant", "general")]
+    rows = [r for t in tables for r in t.select(["url", "caption"]).to_pylist() if r["url"] in ok_urls]
+    return pa.table(
+        {
+            "uid": [make_uid("bench", r["url"]) for r in rows],
+            "url": [r["url"] for r in rows],
+            "path": pa.nulls(len(rows), pa.string()),
+            "caption": [r["caption"] for r in rows],
+        }
+    )
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--species", type=int, default=24)
+    ap.add_argument("--images", type=int, default=40, help="images per species")
+    ap.add_argument("--general", type=int, default=400)
+    ap.add_argument("--repeats", type=int, default=2)
+    args = ap.parse_args()
+
+    tmp = Path(tempfile.mkdtemp(prefix="bench_download_"))
+    try:
+        world = generate_world(
+            tmp / "world", DemoWorldConfig(species=args.species, images_per_species=args.images, general_images=args.general)
+        )
+        rows = clean_rows(world)
+        cfg = DownloadConfig(processes_count=2, thread_count=16, number_sample_per_shard=500, timeout=5, image_size=256)
+        print(f"{rows.num_rows} fault-free URLs, img2dataset settings: processes=2 threads=16 shard=500 size=256")
+        times: dict[str, list[float]] = {"plantmix": [], "img2dataset": []}
+        with serve_world(world) as base:
+            rewrite = {DEMO_BASE_URL: base}
+            bare_input = tmp / "bare_input.parquet"
+            pq.write_table(pa.table({"url": fetch_urls(rows, rewrite), "caption": rows["caption"], "uid": rows["uid"]}), bare_input)
+            from img2dataset import download
+
+            for rep in range(args.repeats):
+                out = tmp / f"plantmix_{rep}"
+                t0 = time.perf_counter()
+                download_source(rows, out, cfg, rewrite)
+                times["plantmix"].append(time.perf_counter() - t0)
+
+                out = tmp / f"bare_{rep}"
+                bare_args = dict(_img2dataset_args(cfg), url_list=str(bare_input), output_folder=str(out))
+                t0 = time.perf_counter()
+                download(**bare_args)
+                times["img2dataset"].append(time.perf_counter() - t0)
+        best = {k: min(v) for k, v in times.items()}
+        rate = {k: rows.num_rows / v for k, v in best.items()}
+        print(f"plantmix    : best {best['plantmix']:.2f} s  → {rate['plantmix']:.1f} images/s  (runs: {times['plantmix']})")
+        print(f"img2dataset : best {best['img2dataset']:.2f} s  → {rate['img2dataset']:.1f} images/s  (runs: {times['img2dataset']})")
+        print(f"ratio plantmix / bare = {rate['plantmix'] / rate['img2dataset']:.3f}  (target ≥ 0.95)")
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+
+
+if __name__ == "__main__":
+    main()
