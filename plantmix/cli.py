@@ -32,7 +32,6 @@ def build(
     until: Optional[str] = typer.Option(None, "--until", help="Stop after this stage (ingest, download, manifest, dedup, filter, mix)."),
 ) -> None:
     """Run a recipe end to end. Finished stages are skipped; an interrupted build resumes."""
-    from plantmix.build import run_build
     from plantmix.recipe import load_recipe
 
     r = load_recipe(recipe)
@@ -41,6 +40,8 @@ def build(
 
         print_plan(r, recipe_path=recipe)
         return
+    from plantmix.build import run_build
+
     run_build(r, out or Path("builds") / r.name, distributor=distributor, until=until, recipe_path=recipe)
 
 

@@ -12,6 +12,7 @@ import hashlib
 import json
 import os
 import shutil
+import signal
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -93,6 +94,7 @@ def atomic_path(path: Path) -> Iterator[Path]:
     _remove(tmp)
     try:
         yield tmp
+        _failpoint(path)
         if tmp.is_dir() and path.exists():
             # os.replace cannot replace a non-empty directory: move the old one aside first.
             old = path.with_name(f".{path.name}.old-{os.getpid()}")
@@ -104,6 +106,14 @@ def atomic_path(path: Path) -> Iterator[Path]:
             os.replace(tmp, path)
     finally:
         _remove(tmp)
+
+
+def _failpoint(path: Path) -> None:
+    """Crash-test hook: `PLANTMIX_KILL_AT=<file name>` SIGKILLs the process just before that output's
+    rename, i.e. with its temporary fully written — the worst moment for a kill. Tests use it to check
+    that a build killed mid-stage resumes to the same result."""
+    if os.environ.get("PLANTMIX_KILL_AT") == path.name:
+        os.kill(os.getpid(), signal.SIGKILL)
 
 
 def _remove(p: Path) -> None:
