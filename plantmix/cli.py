@@ -53,6 +53,54 @@ def stats(build_dir: Path = typer.Argument(..., help="A build directory.")) -> N
     write_stats(build_dir)
 
 
+@app.command()
+def mix(
+    build_dir: Path = typer.Argument(..., help="A build directory (with manifest.parquet)."),
+    ratio: Optional[float] = typer.Option(None, "--ratio", help="Plant share r: round(r*total) plant rows."),
+    total: Optional[int] = typer.Option(None, "--total", help="Rows in the mix (with --ratio)."),
+    plant: Optional[int] = typer.Option(None, "--plant", help="Absolute plant rows (instead of --ratio/--total)."),
+    general: Optional[int] = typer.Option(None, "--general", help="Absolute general rows."),
+    seed: int = typer.Option(0, "--seed", help="Selection and shuffle seed."),
+    name: Optional[str] = typer.Option(None, "--name", help="Mix name [default: from ratio/total/seed]."),
+    per_taxon_cap: Optional[int] = typer.Option(None, "--per-taxon-cap", help="At most K rows per species."),
+    per_genus_cap: Optional[int] = typer.Option(None, "--per-genus-cap", help="At most K rows per genus."),
+    per_family_cap: Optional[int] = typer.Option(None, "--per-family-cap", help="At most K rows per family."),
+    source_weight: list[str] = typer.Option([], "--source-weight", help="SRC=W: sampling weight of a source within its domain (repeatable)."),
+    allow_repeat: bool = typer.Option(False, "--allow-repeat", help="Repeat rows (keys uid-0, uid-1, ...) when a domain falls short."),
+    shard_size: int = typer.Option(10_000, "--shard-size", help="Samples per output shard."),
+    caption_field: str = typer.Option("caption", "--caption-field", help="Manifest column written as <key>.txt."),
+    workers: int = typer.Option(1, "--workers", help="Processes for indexing and shard writing."),
+) -> None:
+    """Select a plant/general mix (hash-ordered, nested across sizes) and write shuffled webdataset shards."""
+    from plantmix.mix import make_spec, run_mix
+
+    spec = make_spec(
+        ratio=ratio, total=total, plant=plant, general=general, seed=seed, name=name,
+        per_taxon_cap=per_taxon_cap, per_genus_cap=per_genus_cap, per_family_cap=per_family_cap,
+        source_weights=source_weight, allow_repeat=allow_repeat, shard_size=shard_size,
+        caption_field=caption_field,
+    )  # fmt: skip
+    out = run_mix(build_dir, spec, workers=workers)
+    console.print(f"[green]✓[/] mix → {out}", highlight=False)
+
+
+@app.command()
+def verify(
+    shards_dir: Path = typer.Argument(..., help="A mix's shards directory (BUILD/mixes/NAME/shards)."),
+    workers: int = typer.Option(1, "--workers", help="Processes reading shards."),
+) -> None:
+    """Re-read every shard: counts against dataset.json, every image decodes, image sha256 against
+    the shard's parquet (the hash of the bytes as written to the shard, not the manifest's sha256 of
+    the originally downloaded bytes, which img2dataset may have resized or re-encoded). Exits 1 on
+    any mismatch."""
+    from plantmix.verify import print_report, verify_shards
+
+    report = verify_shards(shards_dir, workers=workers)
+    print_report(report, Console())
+    if not report.ok:
+        raise typer.Exit(1)
+
+
 def main() -> None:
     try:
         app()

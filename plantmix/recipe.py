@@ -11,6 +11,7 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from plantmix.errors import PlantmixError
+from plantmix.mix import MixSpec
 from plantmix.schema import CAPTION_TEMPLATES
 
 CaptionTemplate = Literal["scientific", "common", "taxonomic", "combined", "sample", "column"]
@@ -125,7 +126,7 @@ class Recipe(_Strict):
     download: DownloadConfig = Field(default_factory=DownloadConfig)
     dedup: DedupConfig = Field(default_factory=DedupConfig)
     filters: FilterConfig = Field(default_factory=FilterConfig)
-    mix: list[dict] | None = None  # validated by plantmix.mix when that stage runs
+    mix: list[MixSpec] | None = None  # run in order after the filter stage (plantmix.mix.run_mix)
 
     @model_validator(mode="after")
     def _unique_sources(self) -> "Recipe":

@@ -1,0 +1,376 @@
+"""Mixing (DESIGN §5): pick plant and general rows from a build's manifest, deterministically.
+
+Each eligible row (keep = true) gets a 64-bit key k = splitmix64(fnv1a64(uid) ^ splitmix64(seed)).
+Within a domain rows are taken in order of k, largest first; with source weights the order is
+Efraimidis–Spirakis weighted sampling without replacement: ascending -log(u)/w with u = k mapped to
+(0, 1), ties by k. Per-taxon caps keep the first K rows of each taxon in that same order (species
+first, then genus, then family). Every step is a fixed order followed by a prefix, so the same
+command gives the same mix on any machine, and a smaller mix at the same seed and caps is a subset
+of a larger one. Both hashes are published algorithms, vectorised here with numpy.
+"""
+
+from __future__ import annotations
+
+import math
+import re
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Literal
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.compute as pc
+import pyarrow.parquet as pq
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+
+from plantmix.errors import PlantmixError, ShortfallError
+from plantmix.schema import DOMAINS
+from plantmix.stage import atomic_path, fingerprint, is_done, mark_done
+
+_NAME = r"^[A-Za-z0-9][A-Za-z0-9_.-]*$"
+CAP_RANKS = ("species", "genus", "family")  # finest first: the order caps are applied in
+CaptionField = Literal["caption", "caption_scientific", "caption_common", "caption_taxonomic", "caption_combined"]
+
+
+class MixSpec(BaseModel):
+    """One mix: how many rows of each domain, how to pick them, how to shard them.
+
+    Give either `ratio` and `total` (plant = round(ratio * total)) or absolute `plant` / `general`.
+    """
+
+    model_config = ConfigDict(extra="forbid")
+
+    name: str | None = Field(None, pattern=_NAME)
+    ratio: float | None = Field(None, ge=0, le=1)
+    total: int | None = Field(None, ge=1)
+    plant: int | None = Field(None, ge=0)
+    general: int | None = Field(None, ge=0)
+    seed: int = Field(0, ge=0, lt=2**64)
+    per_taxon_cap: int | None = Field(None, ge=1, description="at most K rows per species")
+    per_genus_cap: int | None = Field(None, ge=1)
+    per_family_cap: int | None = Field(None, ge=1)
+    source_weights: dict[str, float] = Field(default_factory=dict)
+    allow_repeat: bool = False
+    shard_size: int = Field(10_000, ge=1)
+    caption_field: CaptionField = "caption"  # written as <key>.txt; falls back to `caption` when null
+
+    @model_validator(mode="after")
+    def _one_way_to_count(self) -> "MixSpec":
+        by_ratio = self.ratio is not None or self.total is not None
+        by_count = self.plant is not None or self.general is not None
+        if by_ratio == by_count:
+            raise ValueError("give either ratio and total, or plant and/or general counts")
+        if by_ratio and (self.ratio is None or self.total is None):
+            raise ValueError("ratio and total go together")
+        bad = {k: w for k, w in self.source_weights.items() if not (w > 0 and math.isfinite(w))}
+        if bad:
+            raise ValueError(f"source weights must be positive and finite: {bad}")
+        return self
+
+    def counts(self) -> dict[str, int]:
+        if self.ratio is not None:
+            n_plant = round(self.ratio * self.total)
+            return {"plant": n_plant, "general": self.total - n_plant}
+        return {"plant": self.plant or 0, "general": self.general or 0}
+
+    def caps(self) -> list[tuple[str, int]]:
+        caps = {"species": self.per_taxon_cap, "genus": self.per_genus_cap, "family": self.per_family_cap}
+        return [(rank, caps[rank]) for rank in CAP_RANKS if caps[rank] is not None]
+
+    def resolved_name(self) -> str:
+        if self.name:
+            return self.name
+        if self.ratio is not None:
+            return f"r{self.ratio:g}-n{self.total}-s{self.seed}"
+        c = self.counts()
+        return f"p{c['plant']}-g{c['general']}-s{self.seed}"
+
+
+def make_spec(source_weights: list[str] | dict[str, float] = (), **options) -> MixSpec:
+    """A MixSpec from command-line style options (`SRC=W` weights); one-line PlantmixError if invalid."""
+    weights = dict(source_weights) if isinstance(source_weights, dict) else {}
+    for item in source_weights if not isinstance(source_weights, dict) else ():
+        src, eq, w = item.partition("=")
+        try:
+            weights[src.strip()] = float(w)
+        except ValueError:
+            eq = ""
+        if not eq or not src.strip():
+            raise PlantmixError(f"--source-weight expects SRC=W with a number W; got {item!r}")
+    try:
+        return MixSpec(source_weights=weights, **options)
+    except ValidationError as e:
+        first = e.errors()[0]
+        loc = ".".join(str(p) for p in first["loc"]) or "mix"
+        raise PlantmixError(f"mix option '{loc}': {first['msg'].removeprefix('Value error, ')}") from None
+
+
+# ---- stable hashing ---------------------------------------------------------------------------
+
+_FNV_OFFSET = np.uint64(0xCBF29CE484222325)
+_FNV_PRIME = np.uint64(0x100000001B3)
+_GOLDEN = np.uint64(0x9E3779B97F4A7C15)
+_M1 = np.uint64(0xBF58476D1CE4E5B9)
+_M2 = np.uint64(0x94D049BB133111EB)
+_SHUFFLE_SALT = np.uint64(0x53485546464C4521)  # b"SHUFFLE!": separates shuffle from selection
+
+
+def fnv1a64(strings: pa.Array | pa.ChunkedArray) -> np.ndarray:
+    """FNV-1a 64-bit hash of each string's UTF-8 bytes, vectorised over byte positions."""
+    if isinstance(strings, pa.ChunkedArray):
+        strings = strings.combine_chunks() if strings.num_chunks else pa.array([], pa.string())
+    if strings.null_count:
+        raise PlantmixError("uid column has null values")
+    strings = strings.cast(pa.large_string())
+    _, offsets_buf, data_buf = strings.buffers()
+    offsets = np.frombuffer(offsets_buf, np.int64)[strings.offset : strings.offset + len(strings) + 1]
+    data = np.frombuffer(data_buf, np.uint8) if data_buf is not None else np.zeros(0, np.uint8)
+    starts, lengths = offsets[:-1], np.diff(offsets)
+    h = np.full(len(strings), _FNV_OFFSET, np.uint64)
+    if len(strings) == 0:
+        return h
+    with np.errstate(over="ignore"):
+        if lengths.min() == lengths.max() and offsets[-1] - offsets[0] == len(strings) * lengths[0]:
+            # Equal lengths (e.g. hex digests): a contiguous (n, L) byte matrix, one column per step.
+            mat = data[offsets[0] : offsets[-1]].reshape(len(strings), int(lengths[0]))
+            for j in range(mat.shape[1]):
+                h ^= mat[:, j]
+                h *= _FNV_PRIME
+        else:
+            for j in range(int(lengths.max())):
+                live = np.flatnonzero(lengths > j)
+                h[live] = (h[live] ^ data[starts[live] + j]) * _FNV_PRIME
+    return h
+
+
+def splitmix64(x: np.ndarray | int) -> np.ndarray:
+    """The splitmix64 output function of state x (Steele et al. 2014); splitmix64(0) = 0xe220a8397b1dcdaf."""
+    z = np.asarray(x, dtype=np.uint64) + _GOLDEN
+    with np.errstate(over="ignore"):
+        z = (z ^ (z >> np.uint64(30))) * _M1
+        z = (z ^ (z >> np.uint64(27))) * _M2
+    return z ^ (z >> np.uint64(31))
+
+
+def selection_keys(uid_digest: np.ndarray, seed: int) -> np.ndarray:
+    return splitmix64(uid_digest ^ splitmix64(np.uint64(seed)))
+
+
+def shuffle_keys(keys: np.ndarray, repeat: np.ndarray) -> np.ndarray:
+    """Keys that order the whole mix for shard writing, independent of the selection order."""
+    return splitmix64(keys ^ splitmix64(repeat.astype(np.uint64) + _SHUFFLE_SALT))
+
+
+def priority_order(keys: np.ndarray, weights: np.ndarray | None = None) -> np.ndarray:
+    """Indices of rows in selection order (a fixed permutation: selections are its prefixes)."""
+    if weights is None:
+        return np.argsort(~keys, kind="stable")  # largest key first
+    u = ((keys >> np.uint64(11)).astype(np.float64) + 0.5) * 2.0**-53
+    return np.lexsort((~keys, -np.log(u) / weights))
+
+
+def apply_caps(order: np.ndarray, groups: list[tuple[np.ndarray, int]]) -> np.ndarray:
+    """Keep the first K rows of each group along `order`; code -1 (taxon unknown) is never capped."""
+    for codes, cap in groups:
+        g = codes[order]
+        perm = np.argsort(g, kind="stable")  # groups together, selection order kept inside each
+        g_sorted = g[perm]
+        starts = np.flatnonzero(np.r_[True, g_sorted[1:] != g_sorted[:-1]])
+        run_start = np.repeat(starts, np.diff(np.r_[starts, len(g_sorted)]))
+        rank = np.empty(len(g), np.int64)
+        rank[perm] = np.arange(len(g)) - run_start
+        order = order[(g < 0) | (rank < cap)]
+    return order
+
+
+# ---- selection over a manifest --------------------------------------------------------------
+
+
+@dataclass
+class Selection:
+    """Selected manifest rows: `row` indexes the build manifest; `position` is the shuffled slot."""
+
+    row: np.ndarray  # int64
+    repeat: np.ndarray  # int32, copy number of the row (0 unless the domain needed repeats)
+    repeated: np.ndarray  # bool, the row's domain was repeated: its key gets a "-<repeat>" suffix
+    position: np.ndarray  # int64, 0..n-1
+    available: dict[str, int]  # eligible rows per domain after caps
+
+    def __len__(self) -> int:
+        return len(self.row)
+
+
+def _codes(column: pa.ChunkedArray) -> tuple[np.ndarray, list]:
+    """Dictionary codes (int32, -1 for null) and the dictionary of a string or dictionary column."""
+    if column.num_chunks == 0 or len(column) == 0:
+        return np.zeros(0, np.int32), []
+    if pa.types.is_null(column.type):
+        return np.full(len(column), -1, np.int32), []
+    if not pa.types.is_dictionary(column.type):
+        column = pc.dictionary_encode(column.cast(pa.string()))
+    column = pa.table({"c": column}).unify_dictionaries()["c"]
+    idx = [c.indices.fill_null(-1).to_numpy(zero_copy_only=False) for c in column.chunks]
+    return np.concatenate(idx).astype(np.int32), column.chunk(0).dictionary.to_pylist()
+
+
+def read_selection_columns(manifest: Path, spec: MixSpec) -> pa.Table:
+    taxa = [f"taxon_{rank}" for rank, _ in spec.caps()]
+    wanted = ["uid", "domain", "source", "keep", *taxa]
+    try:
+        names = pq.read_schema(manifest).names
+    except (OSError, pa.ArrowInvalid) as e:
+        raise PlantmixError(f"{manifest}: cannot read manifest: {e}") from None
+    missing = [c for c in wanted if c not in names]
+    if missing:
+        raise PlantmixError(f"{manifest}: missing column(s) {missing}")
+    return pq.read_table(manifest, columns=wanted, read_dictionary=["domain", "source", *taxa])
+
+
+def select(table: pa.Table, spec: MixSpec, where: str = "manifest") -> Selection:
+    """Pick the mix's rows from a table with uid, domain, source, keep (and taxon_* for caps)."""
+    keep = table["keep"].to_numpy() if table.num_rows else np.zeros(0, bool)
+    keep = np.asarray(keep, dtype=bool)
+    domain, domains = _codes(table["domain"])
+    source, sources = _codes(table["source"])
+    unknown = sorted({domains[c] for c in np.unique(domain[keep]) if c >= 0} - set(DOMAINS))
+    if unknown or (domain[keep] < 0).any():
+        raise PlantmixError(f"{where}: domain must be one of {list(DOMAINS)}; found {unknown or [None]}")
+    missing = sorted(set(spec.source_weights) - set(sources))
+    if missing:
+        raise PlantmixError(f"{where}: source weight given for unknown source(s) {missing}; sources: {sorted(sources)}")
+    src_weight = np.array([spec.source_weights.get(s, 1.0) for s in sources] or [1.0])
+    keys = selection_keys(fnv1a64(table["uid"]), spec.seed)
+    caps = [(_codes(table[f"taxon_{rank}"])[0], k) for rank, k in spec.caps()]
+
+    rows, repeats, repeated, available = [], [], [], {}
+    for name, n in spec.counts().items():
+        code = domains.index(name) if name in domains else -2
+        eligible = np.flatnonzero(keep & (domain == code))
+        w = src_weight[source[eligible]]
+        order = eligible[priority_order(keys[eligible], None if np.all(w == w[:1]) else w)]
+        order = apply_caps(order, [(codes, k) for codes, k in caps])
+        available[name] = len(order)
+        if n > len(order) and (not spec.allow_repeat or len(order) == 0):
+            capped = "".join(f", at most {k} per {r}" for r, k in spec.caps())
+            hint = "" if spec.allow_repeat else "; pass --allow-repeat to repeat samples"
+            raise ShortfallError(
+                f"{where}: domain '{name}' needs {n} rows but only {len(order)} are available "
+                f"(keep = true{capped}){hint}"
+            )
+        take = np.arange(n)
+        rows.append(order[take % max(len(order), 1)] if n else order[:0])
+        repeats.append((take // max(len(order), 1)).astype(np.int32))
+        repeated.append(np.full(n, n > len(order)))
+    row = np.concatenate(rows).astype(np.int64)
+    repeat = np.concatenate(repeats)
+    _check_unique(table["uid"], row[repeat == 0], keys, where)
+
+    shuffled = np.argsort(shuffle_keys(keys[row], repeat), kind="stable")
+    position = np.empty(len(row), np.int64)
+    position[shuffled] = np.arange(len(row))
+    return Selection(row, repeat, np.concatenate(repeated), position, available)
+
+
+_KEY_UNSAFE = re.compile(r"[./\s]")
+
+
+def _check_unique(uid: pa.ChunkedArray, rows: np.ndarray, keys: np.ndarray, where: str) -> None:
+    """uids become sample keys: they must be unique and free of '.', '/' and whitespace."""
+    k = np.sort(keys[rows])
+    if len(k) > 1 and (k[1:] == k[:-1]).any():
+        chosen = uid.take(pa.array(rows))
+        counts = pc.value_counts(chosen)
+        dup = [v["values"] for v in counts.to_pylist() if v["counts"] > 1]
+        if dup:
+            raise PlantmixError(f"{where}: uid {dup[0]!r} appears more than once")
+    chosen = uid.take(pa.array(rows)) if len(rows) else pa.chunked_array([], pa.string())
+    bad = pc.match_substring_regex(chosen, _KEY_UNSAFE.pattern)
+    if pc.any(bad).as_py():
+        first = chosen.filter(bad)[0].as_py()
+        raise PlantmixError(f"{where}: uid {first!r} cannot be a webdataset key ('.', '/' or whitespace)")
+
+
+# ---- the mix stage ----------------------------------------------------------------------------
+
+MIX_FIELDS = [
+    pa.field("mix_key", pa.string()),  # the sample key in the shards: uid, or uid-<repeat> when repeated
+    pa.field("mix_repeat", pa.int32()),
+    pa.field("mix_position", pa.int64()),  # global shuffled position
+    pa.field("mix_shard", pa.int64()),  # = mix_position // shard_size
+]
+_MIX_VERSION = 1  # bump when the selection or the mix manifest layout changes
+
+
+def write_mix_manifest(
+    manifest: Path, sel: Selection, out: Path, shard_size: int, memory_limit: str = "2GB"
+) -> None:
+    """Join the selection to the full manifest rows and write them in shard order.
+
+    DuckDB does the join and the sort out of core; one row group per output shard lets the shard
+    writer read shard i as row group i.
+    """
+    import duckdb
+
+    sel_table = pa.table(
+        {"row": sel.row, "mix_repeat": sel.repeat, "repeated": sel.repeated, "mix_position": sel.position}
+    )
+    target = pa.schema([f.with_nullable(True) for f in pq.read_schema(manifest)] + MIX_FIELDS)
+    src = str(manifest).replace("'", "''")
+    query = f"""
+        SELECT m.* EXCLUDE (file_row_number),
+               CASE WHEN s.repeated THEN m.uid || '-' || CAST(s.mix_repeat AS VARCHAR) ELSE m.uid END AS mix_key,
+               s.mix_repeat, s.mix_position, s.mix_position // {int(shard_size)} AS mix_shard
+        FROM read_parquet('{src}', file_row_number = true) m JOIN sel_table s ON m.file_row_number = s.row
+        ORDER BY s.mix_position"""
+    out.parent.mkdir(parents=True, exist_ok=True)
+    with atomic_path(out) as tmp, tempfile.TemporaryDirectory(dir=out.parent, prefix=".spill-") as spill:
+        con = duckdb.connect(config={"memory_limit": memory_limit, "temp_directory": spill})
+        con.register("sel_table", sel_table)
+        reader = con.sql(query).to_arrow_reader(shard_size)
+        with pq.ParquetWriter(tmp, target, compression="zstd") as writer:
+            pending: list[pa.Table] = []
+            rows = 0
+            for batch in reader:
+                pending.append(pa.Table.from_batches([batch]).cast(target))
+                rows += batch.num_rows
+                while rows >= shard_size:
+                    t = pa.concat_tables(pending)
+                    writer.write_table(t.slice(0, shard_size), row_group_size=shard_size)
+                    pending, rows = [t.slice(shard_size)], rows - shard_size
+            if rows:
+                writer.write_table(pa.concat_tables(pending), row_group_size=shard_size)
+        con.close()
+
+
+def run_mix(
+    build_dir: Path, spec: MixSpec, recipe_hash: str | None = None, workers: int = 1
+) -> Path:
+    """Select, shard and document one mix of a built manifest; return BUILD/mixes/<name>/.
+
+    Resumable: the selection, each shard and the final files are separate atomic steps keyed on
+    the build manifest and the spec, so a rerun after an interruption redoes only what is missing.
+    """
+    from plantmix.card import write_card
+    from plantmix.shards import write_shards
+
+    build_dir = Path(build_dir)
+    manifest = build_dir / "manifest.parquet"
+    if not manifest.is_file():
+        raise PlantmixError(f"{manifest}: not found; run `plantmix build` first")
+    mix_dir = build_dir / "mixes" / spec.resolved_name()
+    select_key = fingerprint(
+        {"stage": "mix", "version": _MIX_VERSION, "spec": spec.model_dump(mode="json")}, [manifest]
+    )
+    final_key = fingerprint({"select": select_key, "recipe_hash": recipe_hash})
+    if is_done(mix_dir / "dataset.json", final_key):
+        return mix_dir
+    mix_manifest = mix_dir / "manifest.parquet"
+    if not is_done(mix_manifest, select_key):
+        sel = select(read_selection_columns(manifest, spec), spec, where=str(manifest))
+        write_mix_manifest(manifest, sel, mix_manifest, spec.shard_size)
+        mark_done(mix_manifest, select_key, rows=len(sel), available=sel.available)
+    write_shards(build_dir, mix_dir, spec, select_key=select_key, recipe_hash=recipe_hash, workers=workers)
+    write_card(build_dir, mix_dir)
+    mark_done(mix_dir / "dataset.json", final_key)
+    return mix_dir
