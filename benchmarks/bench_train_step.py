@@ -1,0 +1,95 @@
+"""Training-step time of DALIP against plain CLIP on the same model and batch.
+
+Steps timed (forward + loss + backward + AdamW step, random init, random batch):
+  clip         open_clip's own forward of the wrapped model (first-order only) + CLIP loss: the baseline
+  dalip        DALIP forward (both towers' MBDC) + DALIP loss (alpha = 0.5)
+  dalip-clip   DALIP forward + `--loss clip` (the ablation path: MBDC computed, not trained)
+Runs are interleaved so that load drifts on a shared machine hit all variants alike; the ratio uses
+each variant's fastest run (the one least disturbed by other processes), medians are printed too.
+
+    python benchmarks/bench_train_step.py [--model ViT-B-16] [--batch 8] [--threads 2]
+    python benchmarks/bench_train_step.py --precision amp_bf16 --batch 64 --device cuda
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import time
+
+import torch
+
+from dalip.loss import DALIPLoss
+from dalip.model import create_model
+
+CAPTION_WORDS = "a photo of the green leaf fern oak rose tulip maple with serrated margin and red flowers".split()
+
+
+def make_batch(batch: int, image_size: int, tokenizer, device: torch.device):
+    generator = torch.Generator().manual_seed(0)
+    images = torch.randn(batch, 3, image_size, image_size, generator=generator)
+    lengths = torch.randint(3, 15, (batch,), generator=generator).tolist()
+    captions = [" ".join(CAPTION_WORDS[(i + j) % len(CAPTION_WORDS)] for j in range(n)) for i, n in enumerate(lengths)]
+    return images.to(device), tokenizer(captions).to(device)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--model", default="ViT-B-16")
+    parser.add_argument("--batch", type=int, default=8)
+    parser.add_argument("--device", default="cpu")
+    parser.add_argument("--precision", default="fp32", help="open_clip precision: fp32, amp, amp_bf16, bf16, ...")
+    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--threads", type=int, default=2)
+    args = parser.parse_args()
+    torch.set_num_threads(args.threads)
+    torch.manual_seed(0)
+    device = torch.device(args.device)
+    model, _, _, tokenizer = create_model(args.model, device=device, precision=args.precision)
+    model.train()
+    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-5)
+    images, texts = make_batch(args.batch, model.base.visual.image_size[0], tokenizer, device)
+    autocast_dtype = torch.bfloat16 if args.precision in ("amp_bf16", "amp_bfloat16") else torch.float16
+    use_autocast = args.precision.startswith("amp")
+    if not use_autocast and args.precision in ("bf16", "fp16", "pure_bf16", "pure_fp16"):
+        images = images.to(torch.bfloat16 if "bf16" in args.precision else torch.float16)
+    dalip_loss, clip_loss = DALIPLoss(), DALIPLoss(mode="clip")
+
+    def clip_outputs(images, texts):
+        image_features, text_features, logit_scale = model.base(images, texts)[:3]
+        return {"image_features": image_features, "text_features": text_features, "logit_scale": logit_scale}
+
+    variants = {"clip": (clip_outputs, clip_loss), "dalip": (model, dalip_loss), "dalip-clip": (model, clip_loss)}
+
+    def step(forward, loss) -> float:
+        if device.type == "cuda":
+            torch.cuda.synchronize()
+        start = time.perf_counter()
+        with torch.autocast(device.type, dtype=autocast_dtype, enabled=use_autocast):
+            total, _ = loss(forward(images, texts))
+        total.backward()
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+        if device.type == "cuda":
+            torch.cuda.synchronize()
+        return time.perf_counter() - start
+
+    times: dict[str, list[float]] = {name: [] for name in variants}
+    for i in range(args.repeats + 1):  # round 0 warms up
+        for name, (forward, loss) in variants.items():
+            seconds = step(forward, loss)
+            if i:
+                times[name].append(seconds)
+    best = {name: min(t) for name, t in times.items()}
+
+    print(f"{args.model} batch={args.batch} device={device} precision={args.precision} "
+          f"threads={torch.get_num_threads()} repeats={args.repeats}")
+    for name, seconds in best.items():
+        print(f"  {name:10s} best {seconds * 1e3:9.1f} ms/step  median {statistics.median(times[name]) * 1e3:9.1f}"
+              f"  (runs: {', '.join(f'{t:.2f}' for t in times[name])} s)")
+    print(f"  dalip / clip       = {best['dalip'] / best['clip']:.3f}x (target <= 1.10x)")
+    print(f"  dalip-clip / clip  = {best['dalip-clip'] / best['clip']:.3f}x")
+
+
+if __name__ == "__main__":
+    main()
