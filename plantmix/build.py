@@ -24,7 +24,7 @@ from plantmix.filters import apply_filters
 from plantmix.ingest import ingest, resolve_source_path
 from plantmix.manifest import hash_shards, join_manifest
 from plantmix.recipe import Recipe
-from plantmix.report import funnel, funnel_table
+from plantmix.report import funnel, funnel_table, make_console
 from plantmix.stage import atomic_write_text, fingerprint, is_done, mark_done, write_parquet
 
 STAGES = ("ingest", "download", "manifest", "dedup", "filter", "mix")
@@ -81,7 +81,7 @@ def run_build(
     """Run (or resume) every stage of `recipe` in `build_dir`; return the manifest path."""
     if until is not None and until not in STAGES:
         raise PlantmixError(f"--until must be one of {', '.join(STAGES)}; got '{until}'")
-    console = console or Console(stderr=True)
+    console = console or make_console(stderr=True)
     if distributor:
         recipe = recipe.model_copy(update={"download": recipe.download.model_copy(update={"distributor": distributor})})
     build_dir = Path(build_dir)

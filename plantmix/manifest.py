@@ -102,7 +102,7 @@ def join_manifest(candidates_path: Path, build_dir: Path) -> pa.Table:
     cand = pq.read_table(candidates_path)
     con.register("cand", cand.append_column("rn", pa.array(range(cand.num_rows), pa.int64())))
     cand_cols = ", ".join(f"c.{f.name}" for f in CANDIDATE_SCHEMA if f.name != "drop_reason")
-    table = con.execute(
+    table = con.sql(
         f"""
         WITH d AS (SELECT * FROM dl QUALIFY row_number() OVER (PARTITION BY dl_source, uid ORDER BY shard, key) = 1),
              c AS (SELECT * FROM cand)
@@ -128,7 +128,7 @@ def join_manifest(candidates_path: Path, build_dir: Path) -> pa.Table:
         LEFT JOIN hs h ON h.hs_source = c.source AND h.key = d.key AND d.status = 'success'
         ORDER BY c.rn
         """
-    ).arrow()
+    ).to_arrow_table()
     return table.cast(manifest_schema(table.schema))
 
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import sys
 from pathlib import Path
 
 import duckdb
@@ -16,6 +17,12 @@ from plantmix.schema import DROP_DOWNLOAD_FAILED
 COLLAPSED = "duplicate_uid_collapsed"
 
 
+def make_console(stderr: bool = False) -> Console:
+    """A console that stays readable in logs: 120 columns when not attached to a terminal."""
+    stream = sys.stderr if stderr else sys.stdout
+    return Console(stderr=stderr, width=None if stream.isatty() else 120)
+
+
 def funnel(manifest: pa.Table) -> pa.Table:
     """Long-form funnel: (source, domain, stage, reason, rows).
 
@@ -25,7 +32,7 @@ def funnel(manifest: pa.Table) -> pa.Table:
     """
     con = duckdb.connect()
     con.register("m", manifest)
-    return con.execute(
+    return con.sql(
         f"""
         SELECT source, domain, 'in' AS stage, 'rows read' AS reason, sum(input_rows) AS rows FROM m GROUP BY 1, 2
         UNION ALL
@@ -44,7 +51,7 @@ def funnel(manifest: pa.Table) -> pa.Table:
         ORDER BY source, CASE stage WHEN 'in' THEN 0 WHEN 'ingest' THEN 1 WHEN 'download' THEN 2
                  WHEN 'curation' THEN 3 ELSE 4 END, rows DESC, reason
         """
-    ).arrow()
+    ).to_arrow_table()
 
 
 def funnel_table(f: pa.Table, title: str = "Funnel") -> Table:
@@ -55,10 +62,10 @@ def funnel_table(f: pa.Table, title: str = "Funnel") -> Table:
     order = list(dict.fromkeys((r["stage"], r["reason"]) for r in sorted(rows, key=_stage_rank)))
     counts = {(r["stage"], r["reason"], r["source"]): int(r["rows"]) for r in rows}
     table = Table(title=title, show_lines=False)
-    table.add_column("stage")
-    table.add_column("reason")
+    table.add_column("stage", no_wrap=True)
+    table.add_column("reason", no_wrap=True)
     for s in sources:
-        table.add_column(f"{s}\n({domain_of[s]})", justify="right")
+        table.add_column(f"{s}\n({domain_of[s]})", justify="right", overflow="fold")
     for d in ("plant", "general"):
         table.add_column(d, justify="right")
     table.add_column("total", justify="right", style="bold")
@@ -135,7 +142,7 @@ def load_manifest(build_dir: Path) -> pa.Table:
 
 def write_stats(build_dir: Path, console: Console | None = None) -> pa.Table:
     """Print the funnel of a build, write reports/funnel.csv and the PNG plots; return the funnel."""
-    console = console or Console()
+    console = console or make_console()
     manifest = load_manifest(build_dir)
     f = funnel(manifest)
     console.print(funnel_table(f, title=f"Funnel — {build_dir}"))
