@@ -30,6 +30,10 @@ class DemoWorldConfig(_Strict):
     general_images: int = Field(240, ge=0)
     image_size: int = Field(192, ge=32)
     seed: int = 0
+    # About this share of URL-list rows carry a planted fault; while > 0, every fault kind appears at least once.
+    fault_rate: float = Field(0.25, ge=0, le=0.5)
+    # How long the server stalls `timeout` rows; the download timeout must be shorter to see them fail.
+    timeout_delay_s: float = Field(6.0, gt=0, le=8)
 
 
 class SourceConfig(_Strict):
