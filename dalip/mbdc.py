@@ -170,7 +170,7 @@ class MBDC(nn.Module):
 
         # Steps 7-8: upper triangles (row-major, with diagonal), heads concatenated, LN, Linear.
         z = bdc.flatten(1).index_select(1, self.triu_index).reshape(batch, self.out_dim)
-        z = self.out_norm(z)
+        z = self.out_norm(z.to(self.out_norm.weight.dtype))  # back to bf16/fp16 under pure_* precision
         if self.hidden is not None:
             z = self.hidden(z)
         return F.normalize(self.out_proj(z), dim=-1)

@@ -104,6 +104,16 @@ def test_bf16_autocast_forward(tiny):
         torch.testing.assert_close(out[key].float().norm(dim=-1), torch.ones(2), atol=1e-2, rtol=0)
 
 
+@pytest.mark.parametrize("precision", ["bf16", "pure_bf16"])
+def test_low_precision_weights_train(precision):
+    model, _, _, tokenizer = create_model("dalip-tiny", precision=precision, mbdc={"reduce_dim": 8})
+    out = model(torch.randn(2, 3, 32, 32, dtype=torch.bfloat16), tokenizer(CAPTIONS[:2]))
+    total, _ = DALIPLoss()(out)
+    total.backward()
+    assert torch.isfinite(total)
+    assert model.mbdc_image.proj.weight.grad is not None
+
+
 def test_model_name_forms(tmp_path):
     config = open_clip.get_model_config("dalip-tiny")
     config["embed_dim"] = 32
