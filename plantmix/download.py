@@ -2,8 +2,9 @@
 
 img2dataset runs in a child process (its own process group) so that its output goes to a log file, a
 progress bar can follow its `*_stats.json` files, and a build killed mid-download leaves no orphan
-writing into the folder: the group id is recorded and a rerun ends any survivor before resuming with
-img2dataset's own incremental mode (finished shards are kept, unfinished ones redone).
+writing into the folder: the child takes its group down when the build dies, the group id is
+recorded, and a rerun ends any survivor before resuming with img2dataset's own incremental mode
+(finished shards are kept, unfinished ones redone).
 """
 
 from __future__ import annotations
@@ -13,6 +14,7 @@ import hashlib
 import json
 import math
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -94,7 +96,12 @@ def _img2dataset_args(cfg: DownloadConfig) -> dict:
 # The child: create a small local Spark session first when asked (img2dataset would otherwise ask for
 # 16 GB of driver memory), then call img2dataset's Python API with the JSON arguments.
 _CHILD = r"""
-import json, os, sys
+import json, os, signal, sys
+# The build died (PDEATHSIG → SIGTERM): take the whole process group down, img2dataset's worker
+# processes and any Spark JVM included, so no orphan finishes a shard against a dead server.
+signal.signal(signal.SIGTERM, lambda *_: os.killpg(0, signal.SIGKILL))
+if os.getppid() == 1:
+    os.killpg(0, signal.SIGKILL)
 os.environ.setdefault("NO_ALBUMENTATIONS_UPDATE", "1")
 args = json.loads(sys.argv[1])
 if args["distributor"] == "pyspark":
@@ -109,10 +116,11 @@ download(**args)
 
 
 def _die_with_parent() -> None:
-    """In the child: own process group, and SIGKILL when the parent dies (Linux prctl)."""
+    """In the child: own process group, and SIGTERM when the parent dies (Linux prctl), which the
+    child turns into a SIGKILL of its whole group."""
     os.setsid()
     try:
-        ctypes.CDLL("libc.so.6", use_errno=True).prctl(1, signal.SIGKILL)  # PR_SET_PDEATHSIG
+        ctypes.CDLL("libc.so.6", use_errno=True).prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG
     except OSError:
         pass
 
@@ -153,9 +161,10 @@ def download_source(
     except (OSError, ValueError):
         same_inputs = False
     if out_dir.exists() and not same_inputs:
-        import shutil
-
         shutil.rmtree(out_dir)
+    # img2dataset keeps its split of the input list in `_tmp/`; a resumed run may fetch from another
+    # address (the demo server's port changes), so the split is always rebuilt from the fresh input.
+    shutil.rmtree(out_dir / "_tmp", ignore_errors=True)
     out_dir.parent.mkdir(parents=True, exist_ok=True)
 
     input_path = out_dir.with_name(out_dir.name + ".input.parquet")
