@@ -134,6 +134,11 @@ def test_generation_is_deterministic_and_idempotent(world, tmp_path):
     generate_world(again, changed)
     assert json.loads((again / "world.json").read_text())["config"]["general_images"] == 20
     assert not list(tmp_path.glob(".again*"))  # no temporary left behind
+    (tmp_path / "other").mkdir()
+    (tmp_path / "other" / "notes.txt").write_text("keep me")
+    with pytest.raises(PlantmixError, match="not a demo world"):
+        generate_world(tmp_path / "other", SMALL)
+    assert (tmp_path / "other" / "notes.txt").read_text() == "keep me"
 
 
 def test_default_world_fault_share_is_realistic():
@@ -329,6 +334,7 @@ def test_server_stops_without_serving_a_stalled_request(world, truth):
 # ---------------------------------------------------------------- img2dataset against the live server
 
 
+@pytest.mark.slow  # img2dataset spawns two processes that each import torch: 10-45 s here
 def test_img2dataset_outcome_for_each_fault(world, truth, lists, tmp_path):
     os.environ.setdefault("NO_ALBUMENTATIONS_UPDATE", "1")
     import img2dataset

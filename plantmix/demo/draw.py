@@ -401,7 +401,7 @@ def _simple_leaf(canvas: Image.Image, traits: PlantTraits, rng: np.random.Genera
     pale = traits.texture == "pale_veins" or _luma(base_color) < 60
     vein_rgb = _mix(base_color, (235, 240, 210), 0.55) if pale else _scale(base_color, 0.6)
     widths = (max(1, round(L * (0.022 if pale else 0.016))), max(1, round(L * (0.011 if pale else 0.008))))
-    alpha = (230, 210) if pale else (215, 180)
+    alpha = (230, 210) if pale else (220, 205)
     flat = _poly(frame(np.concatenate([v for v, _ in veins])) - off)  # one transform for all veins
     at = 0
     for v, rank in veins:
@@ -437,9 +437,10 @@ def _walk(rng: np.random.Generator, lo: np.ndarray, hi: np.ndarray, steps: int, 
 def _texture(draw: ImageDraw.ImageDraw, texture: str, outline: np.ndarray, local, L: float, color, rng) -> None:
     lo, hi = outline.min(0), outline.max(0)
     if texture == "reticulate":  # a fine net of veinlets
-        for _ in range(3):
+        width = 2 if L > 250 else 1
+        for _ in range(4):
             walk = _walk(rng, lo, hi, int(40 + L * 0.2), 0.045, 1.6)
-            draw.line(local(walk), fill=_scale(color, 0.55) + (150,), width=1)
+            draw.line(local(walk), fill=_scale(color, 0.45) + (200,), width=width)
     elif texture == "rugose":  # wavy wrinkles
         for _ in range(4):
             walk = _walk(rng, lo, hi, int(20 + L * 0.1), 0.05, 0.5)

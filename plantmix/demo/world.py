@@ -607,6 +607,9 @@ def generate_world(out_dir: Path, config: DemoWorldConfig) -> Path:
                 return out_dir
         except (OSError, ValueError):
             pass
+    elif out_dir.exists() and (not out_dir.is_dir() or any(out_dir.iterdir())):
+        # The new world replaces the directory wholesale: never do that to something else.
+        raise PlantmixError(f"{out_dir}: exists and is not a demo world (no world.json); choose an empty directory")
     selected = select_species(load_species_table(), config.species, config.seed)
     with atomic_path(out_dir) as tmp:
         tmp.mkdir(parents=True)
