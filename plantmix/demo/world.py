@@ -497,7 +497,7 @@ def _serve(r: _Row, config: DemoWorldConfig, rng: np.random.Generator) -> tuple[
 
 def _derived_jpeg(fault: str, it: _Item, rng: np.random.Generator) -> bytes:
     """A JPEG made from the item's image: shrunk to a thumbnail, cut into a strip, or a near-duplicate
-    of the served bytes (re-encoded, resized 60-85 %, or cropped 2-5 % per side)."""
+    of the served bytes (re-encoded, resized 60-85 %, or lightly cropped, 1-3 % per side)."""
     if fault == "tiny":
         side = int(rng.integers(8, 25))
         return _encode(it.image.resize((side, side), Image.LANCZOS), "jpeg")
@@ -513,7 +513,7 @@ def _derived_jpeg(fault: str, it: _Item, rng: np.random.Generator) -> bytes:
     if fault == "near_dup_resize":
         k = rng.uniform(0.6, 0.85)
         return _encode(src.resize((round(src.width * k), round(src.height * k)), Image.LANCZOS), "jpeg", 90)
-    m = np.round(rng.uniform(0.02, 0.05, 4) * np.array([src.width, src.height, src.width, src.height])).astype(int)
+    m = np.round(rng.uniform(0.01, 0.03, 4) * np.array([src.width, src.height, src.width, src.height])).astype(int)
     return _encode(src.crop((m[0], m[1], src.width - m[2], src.height - m[3])), "jpeg", 90)
 
 
