@@ -115,11 +115,15 @@ def write_card(build_dir: Path, mix_dir: Path) -> Path:
     caps = caps.replace("taxon", "species")
     weights = ", ".join(f"{k} = {v:g}" for k, v in sorted(spec["source_weights"].items())) or "none (all 1)"
     last = info["num_shards"] - 1
+    req = info["requested"]
+    requested = f"{req['plant_rows']:,} plant + {req['general_rows']:,} general"
+    if req["ratio"] is not None:
+        requested = f"ratio {req['ratio']:g} of {req['total']:,} → {requested}"
     text = f"""# {info['name']}
 
 A plant/general image–text mix built with plantmix: **{info['samples']:,} samples** in
 {info['num_shards']} webdataset shards of {info['shard_size']:,}, plant share
-{(info['plant_share'] or 0):.4f} (requested: {json.dumps(info['requested'])}), seed {info['seed']}.
+{(info['plant_share'] or 0):.4f} (requested: {requested}), seed {info['seed']}.
 
 - recipe hash: `{info['recipe_hash']}` — mix fingerprint: `{info['mix_fingerprint'][:16]}`
 - selection: eligible rows (keep = true) ordered by a seeded hash of uid, weighted by source

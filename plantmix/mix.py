@@ -12,7 +12,6 @@ of a larger one. Both hashes are published algorithms, vectorised here with nump
 from __future__ import annotations
 
 import math
-import re
 import tempfile
 from dataclasses import dataclass
 from pathlib import Path
@@ -114,6 +113,7 @@ _GOLDEN = np.uint64(0x9E3779B97F4A7C15)
 _M1 = np.uint64(0xBF58476D1CE4E5B9)
 _M2 = np.uint64(0x94D049BB133111EB)
 _SHUFFLE_SALT = np.uint64(0x53485546464C4521)  # b"SHUFFLE!": separates shuffle from selection
+_FNV_BLOCK = 1 << 15
 
 
 def fnv1a64(strings: pa.Array | pa.ChunkedArray) -> np.ndarray:
@@ -122,26 +122,36 @@ def fnv1a64(strings: pa.Array | pa.ChunkedArray) -> np.ndarray:
         strings = strings.combine_chunks() if strings.num_chunks else pa.array([], pa.string())
     if strings.null_count:
         raise PlantmixError("uid column has null values")
-    strings = strings.cast(pa.large_string())
-    _, offsets_buf, data_buf = strings.buffers()
-    offsets = np.frombuffer(offsets_buf, np.int64)[strings.offset : strings.offset + len(strings) + 1]
-    data = np.frombuffer(data_buf, np.uint8) if data_buf is not None else np.zeros(0, np.uint8)
+    offsets, data = _string_buffers(strings)
     starts, lengths = offsets[:-1], np.diff(offsets)
     h = np.full(len(strings), _FNV_OFFSET, np.uint64)
     if len(strings) == 0:
         return h
     with np.errstate(over="ignore"):
-        if lengths.min() == lengths.max() and offsets[-1] - offsets[0] == len(strings) * lengths[0]:
-            # Equal lengths (e.g. hex digests): a contiguous (n, L) byte matrix, one column per step.
-            mat = data[offsets[0] : offsets[-1]].reshape(len(strings), int(lengths[0]))
-            for j in range(mat.shape[1]):
-                h ^= mat[:, j]
-                h *= _FNV_PRIME
+        if lengths.min() == lengths.max():
+            # Equal lengths (e.g. hex digests): an (n, L) byte matrix, one column per step, in
+            # blocks of rows that stay in cache across the L steps.
+            matrix = data[offsets[0] : offsets[-1]].reshape(len(strings), -1)
+            for a in range(0, len(strings), _FNV_BLOCK):
+                block, hb = matrix[a : a + _FNV_BLOCK], h[a : a + _FNV_BLOCK]
+                for j in range(block.shape[1]):
+                    hb ^= block[:, j]
+                    hb *= _FNV_PRIME
         else:
             for j in range(int(lengths.max())):
                 live = np.flatnonzero(lengths > j)
                 h[live] = (h[live] ^ data[starts[live] + j]) * _FNV_PRIME
     return h
+
+
+def _string_buffers(strings: pa.Array) -> tuple[np.ndarray, np.ndarray]:
+    """(int64 offsets, uint8 data) of a string array, without copying the data."""
+    if strings.type != pa.large_string():
+        strings = strings.cast(pa.large_string())
+    _, offsets_buf, data_buf = strings.buffers()
+    offsets = np.frombuffer(offsets_buf, np.int64)[strings.offset : strings.offset + len(strings) + 1]
+    data = np.frombuffer(data_buf, np.uint8) if data_buf is not None else np.zeros(0, np.uint8)
+    return offsets, data
 
 
 def splitmix64(x: np.ndarray | int) -> np.ndarray:
@@ -159,28 +169,64 @@ def selection_keys(uid_digest: np.ndarray, seed: int) -> np.ndarray:
 
 def shuffle_keys(keys: np.ndarray, repeat: np.ndarray) -> np.ndarray:
     """Keys that order the whole mix for shard writing, independent of the selection order."""
-    return splitmix64(keys ^ splitmix64(repeat.astype(np.uint64) + _SHUFFLE_SALT))
+    salts = splitmix64(np.arange(int(repeat.max(initial=0)) + 1, dtype=np.uint64) + _SHUFFLE_SALT)
+    return splitmix64(keys ^ salts[repeat])
+
+
+def argsort_u64(key: np.ndarray, tiebreak: np.ndarray | None = None) -> np.ndarray:
+    """Stable argsort by (key, tiebreak, index) for uint64 arrays.
+
+    One in-place sort of words packing a key prefix above the row index (numpy's vectorised sort is
+    several times faster than its argsort); the rare runs that share a prefix are then put in full
+    key order. The result is the unique permutation defined by the keys, whatever sort numpy uses.
+    """
+    n = len(key)
+    index_bits = max(1, (n - 1).bit_length())
+    if index_bits > 40:
+        return np.lexsort((np.arange(n), *(() if tiebreak is None else (tiebreak,)), key))
+    shift = np.uint64(index_bits)
+    packed = (key >> shift) << shift
+    packed |= np.arange(n, dtype=np.uint64)
+    packed.sort()
+    order = (packed & np.uint64((1 << index_bits) - 1)).astype(np.int64)
+    prefix = packed >> shift
+    ties = np.flatnonzero(prefix[1:] == prefix[:-1])
+    if len(ties) > 10_000:  # many equal keys (duplicated input): let lexsort handle it
+        return np.lexsort((np.arange(n), *(() if tiebreak is None else (tiebreak,)), key))
+    run_starts = ties[np.r_[True, ties[1:] != ties[:-1] + 1]] if len(ties) else ties
+    run_ends = ties[np.r_[ties[1:] != ties[:-1] + 1, True]] + 2 if len(ties) else ties
+    for a, b in zip(run_starts, run_ends):
+        seg = order[a:b]  # index order already; lexsort is stable
+        sort_by = (key[seg],) if tiebreak is None else (tiebreak[seg], key[seg])
+        order[a:b] = seg[np.lexsort(sort_by)]
+    return order
 
 
 def priority_order(keys: np.ndarray, weights: np.ndarray | None = None) -> np.ndarray:
     """Indices of rows in selection order (a fixed permutation: selections are its prefixes)."""
     if weights is None:
-        return np.argsort(~keys, kind="stable")  # largest key first
+        return argsort_u64(~keys)  # largest key first
     u = ((keys >> np.uint64(11)).astype(np.float64) + 0.5) * 2.0**-53
-    return np.lexsort((~keys, -np.log(u) / weights))
+    e = -np.log(u) / weights  # Efraimidis–Spirakis: ascending -log(u)/w; positive, so its bits sort as integers
+    return argsort_u64(e.view(np.uint64), tiebreak=~keys)
 
 
 def apply_caps(order: np.ndarray, groups: list[tuple[np.ndarray, int]]) -> np.ndarray:
     """Keep the first K rows of each group along `order`; code -1 (taxon unknown) is never capped."""
     for codes, cap in groups:
         g = codes[order]
-        perm = np.argsort(g, kind="stable")  # groups together, selection order kept inside each
-        g_sorted = g[perm]
+        known = np.flatnonzero(g >= 0)
+        # (group, position) packed in unique words: one sort groups rows, selection order inside
+        bits = np.uint64(max(1, (len(g) - 1).bit_length()))
+        words = (g[known].astype(np.uint64) << bits) | known.astype(np.uint64)
+        words.sort()
+        by_group = (words & ((np.uint64(1) << bits) - np.uint64(1))).astype(np.int64)
+        g_sorted = words >> bits
         starts = np.flatnonzero(np.r_[True, g_sorted[1:] != g_sorted[:-1]])
-        run_start = np.repeat(starts, np.diff(np.r_[starts, len(g_sorted)]))
-        rank = np.empty(len(g), np.int64)
-        rank[perm] = np.arange(len(g)) - run_start
-        order = order[(g < 0) | (rank < cap)]
+        rank = np.arange(len(by_group)) - np.repeat(starts, np.diff(np.r_[starts, len(by_group)]))
+        keep = np.ones(len(g), bool)
+        keep[by_group[rank >= cap]] = False
+        order = order[keep]
     return order
 
 
@@ -209,9 +255,8 @@ def _codes(column: pa.ChunkedArray) -> tuple[np.ndarray, list]:
         return np.full(len(column), -1, np.int32), []
     if not pa.types.is_dictionary(column.type):
         column = pc.dictionary_encode(column.cast(pa.string()))
-    column = pa.table({"c": column}).unify_dictionaries()["c"]
-    idx = [c.indices.fill_null(-1).to_numpy(zero_copy_only=False) for c in column.chunks]
-    return np.concatenate(idx).astype(np.int32), column.chunk(0).dictionary.to_pylist()
+    column = pa.table({"c": column}).unify_dictionaries()["c"].combine_chunks()
+    return pc.fill_null(column.indices, -1).to_numpy().astype(np.int32), column.dictionary.to_pylist()
 
 
 def read_selection_columns(manifest: Path, spec: MixSpec) -> pa.Table:
@@ -233,22 +278,25 @@ def select(table: pa.Table, spec: MixSpec, where: str = "manifest") -> Selection
     keep = np.asarray(keep, dtype=bool)
     domain, domains = _codes(table["domain"])
     source, sources = _codes(table["source"])
-    unknown = sorted({domains[c] for c in np.unique(domain[keep]) if c >= 0} - set(DOMAINS))
+    present = np.flatnonzero(np.bincount(domain[keep] + 1, minlength=len(domains) + 1)) - 1
+    unknown = sorted({domains[c] for c in present if c >= 0} - set(DOMAINS))
     if unknown or (domain[keep] < 0).any():
         raise PlantmixError(f"{where}: domain must be one of {list(DOMAINS)}; found {unknown or [None]}")
     missing = sorted(set(spec.source_weights) - set(sources))
     if missing:
         raise PlantmixError(f"{where}: source weight given for unknown source(s) {missing}; sources: {sorted(sources)}")
     src_weight = np.array([spec.source_weights.get(s, 1.0) for s in sources] or [1.0])
-    keys = selection_keys(fnv1a64(table["uid"]), spec.seed)
+    uid = table["uid"].combine_chunks() if table.num_rows else pa.array([], pa.string())
+    keys = selection_keys(fnv1a64(uid), spec.seed)
     caps = [(_codes(table[f"taxon_{rank}"])[0], k) for rank, k in spec.caps()]
 
     rows, repeats, repeated, available = [], [], [], {}
     for name, n in spec.counts().items():
         code = domains.index(name) if name in domains else -2
         eligible = np.flatnonzero(keep & (domain == code))
-        w = src_weight[source[eligible]]
-        order = eligible[priority_order(keys[eligible], None if np.all(w == w[:1]) else w)]
+        w = src_weight[source[eligible]] if spec.source_weights else None
+        order = eligible[priority_order(keys[eligible], None if w is None or np.all(w == w[:1]) else w)]
+        _check_unique(uid, order, keys[order], where)  # a repeated uid has equal keys: adjacent here
         order = apply_caps(order, [(codes, k) for codes, k in caps])
         available[name] = len(order)
         if n > len(order) and (not spec.allow_repeat or len(order) == 0):
@@ -258,37 +306,46 @@ def select(table: pa.Table, spec: MixSpec, where: str = "manifest") -> Selection
                 f"{where}: domain '{name}' needs {n} rows but only {len(order)} are available "
                 f"(keep = true{capped}){hint}"
             )
-        take = np.arange(n)
-        rows.append(order[take % max(len(order), 1)] if n else order[:0])
-        repeats.append((take // max(len(order), 1)).astype(np.int32))
+        if n <= len(order):
+            rows.append(order[:n])
+            repeats.append(np.zeros(n, np.int32))
+        else:  # cycle through the whole order: copy r of row i is sample r * len(order) + i
+            take = np.arange(n)
+            rows.append(order[take % len(order)])
+            repeats.append((take // len(order)).astype(np.int32))
         repeated.append(np.full(n, n > len(order)))
     row = np.concatenate(rows).astype(np.int64)
     repeat = np.concatenate(repeats)
-    _check_unique(table["uid"], row[repeat == 0], keys, where)
+    unsafe = _first_row_with_bytes(uid, b"./ \t\n\r\x0b\x0c")
+    if unsafe is not None:
+        raise PlantmixError(f"{where}: uid {uid[unsafe].as_py()!r} cannot be a webdataset key ('.', '/' or whitespace)")
 
-    shuffled = np.argsort(shuffle_keys(keys[row], repeat), kind="stable")
+    shuffled = argsort_u64(shuffle_keys(keys[row], repeat))
     position = np.empty(len(row), np.int64)
     position[shuffled] = np.arange(len(row))
     return Selection(row, repeat, np.concatenate(repeated), position, available)
 
 
-_KEY_UNSAFE = re.compile(r"[./\s]")
-
-
-def _check_unique(uid: pa.ChunkedArray, rows: np.ndarray, keys: np.ndarray, where: str) -> None:
-    """uids become sample keys: they must be unique and free of '.', '/' and whitespace."""
-    k = np.sort(keys[rows])
-    if len(k) > 1 and (k[1:] == k[:-1]).any():
-        chosen = uid.take(pa.array(rows))
-        counts = pc.value_counts(chosen)
+def _check_unique(uid: pa.Array, order: np.ndarray, sorted_keys: np.ndarray, where: str) -> None:
+    """uids become sample keys, so they must be unique; equal uids have equal, adjacent keys."""
+    if len(sorted_keys) > 1 and (sorted_keys[1:] == sorted_keys[:-1]).any():
+        counts = pc.value_counts(uid.take(pa.array(order)))
         dup = [v["values"] for v in counts.to_pylist() if v["counts"] > 1]
         if dup:
             raise PlantmixError(f"{where}: uid {dup[0]!r} appears more than once")
-    chosen = uid.take(pa.array(rows)) if len(rows) else pa.chunked_array([], pa.string())
-    bad = pc.match_substring_regex(chosen, _KEY_UNSAFE.pattern)
-    if pc.any(bad).as_py():
-        first = chosen.filter(bad)[0].as_py()
-        raise PlantmixError(f"{where}: uid {first!r} cannot be a webdataset key ('.', '/' or whitespace)")
+
+
+def _first_row_with_bytes(strings: pa.Array, chars: bytes) -> int | None:
+    """Index of the first string containing any of `chars` (memchr scans of the data buffer), or None."""
+    if len(strings) == 0:
+        return None
+    offsets, data = _string_buffers(strings)
+    data = data[offsets[0] : offsets[-1]]
+    if len(data) == 0 or data.min() > max(chars):  # e.g. hex or base64url uids: no copy, no scan
+        return None
+    blob = data.tobytes()
+    hits = [at for at in (blob.find(bytes([c])) for c in chars) if at >= 0]
+    return int(np.searchsorted(offsets, min(hits) + offsets[0], side="right") - 1) if hits else None
 
 
 # ---- the mix stage ----------------------------------------------------------------------------

@@ -16,6 +16,7 @@ resumes at the first missing shard.
 from __future__ import annotations
 
 import hashlib
+import itertools
 import json
 import os
 import platform
@@ -106,9 +107,10 @@ def _index_tar(task: tuple[str, list[str]]) -> tuple[np.ndarray, np.ndarray, lis
 def build_source_index(build_dir: Path, mix_manifest: Path, out: Path, workers: int = 1) -> None:
     """Write `out`: image_ext, image_offset, image_size for every mix manifest row, same order."""
     pf = pq.ParquetFile(mix_manifest)
-    t = pf.read(columns=["uid", "shard", "key"])
+    t = pf.read(columns=["shard", "key"])
     if t.num_rows and (t["shard"].null_count or t["key"].null_count):
-        bad = t.filter(pc.or_(pc.is_null(t["shard"]), pc.is_null(t["key"])))["uid"][0].as_py()
+        missing = pc.indices_nonzero(pc.or_(pc.is_null(t["shard"]), pc.is_null(t["key"])))[0].as_py()
+        bad = pf.read(columns=["uid"])["uid"][missing].as_py()
         raise PlantmixError(f"{mix_manifest}: row uid={bad!r} has no download shard/key")
     shard = pc.dictionary_encode(t["shard"].combine_chunks()) if t.num_rows else None
     codes = shard.indices.to_numpy() if shard is not None else np.zeros(0, np.int32)
@@ -136,11 +138,14 @@ def build_source_index(build_dir: Path, mix_manifest: Path, out: Path, workers: 
 
 
 def _map(fn, items, workers: int):
+    """map(fn, items) in order, over `workers` processes; submits a bounded window at a time."""
     if workers <= 1:
         yield from map(fn, items)
         return
+    items = iter(items)
     with ProcessPoolExecutor(workers) as pool:
-        yield from pool.map(fn, items, chunksize=4)
+        while window := list(itertools.islice(items, 8 * workers)):
+            yield from pool.map(fn, window)
 
 
 def read_images(build_dir: Path, tars: list[str], offsets: np.ndarray, sizes: np.ndarray) -> list[bytes]:

@@ -11,7 +11,7 @@ import pytest
 import yaml
 
 from plantmix.errors import PlantmixError, ShortfallError
-from plantmix.mix import MixSpec, fnv1a64, make_spec, select, selection_keys, splitmix64
+from plantmix.mix import MixSpec, argsort_u64, fnv1a64, make_spec, select, selection_keys, splitmix64
 from plantmix.recipe import Recipe
 
 M64 = (1 << 64) - 1
@@ -64,6 +64,20 @@ def test_hashes_match_published_algorithms():
     assert fnv1a64(pa.array(same)).tolist() == [py_fnv1a64(w) for w in same]
     keys = selection_keys(fnv1a64(pa.array(words)), 7).tolist()
     assert keys == [py_splitmix64(py_fnv1a64(w) ^ py_splitmix64(7)) for w in words]
+
+
+def test_argsort_u64_is_a_stable_sort_by_key_then_tiebreak():
+    rng = np.random.default_rng(0)
+    cases = [
+        rng.integers(0, 2**63, 5000, dtype=np.uint64) * np.uint64(2),
+        rng.integers(0, 50, 5000).astype(np.uint64) << np.uint64(40),  # many equal keys
+        rng.integers(0, 2**12, 30000).astype(np.uint64),  # all share one prefix: the fallback path
+        np.zeros(0, np.uint64),
+    ]
+    for keys in cases:
+        assert np.array_equal(argsort_u64(keys), np.argsort(keys, kind="stable"))
+        tiebreak = rng.integers(0, 3, len(keys)).astype(np.uint64)
+        assert np.array_equal(argsort_u64(keys, tiebreak), np.lexsort((tiebreak, keys)))
 
 
 def test_selection_matches_a_plain_python_reference():
