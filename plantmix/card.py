@@ -68,7 +68,7 @@ def write_plots(mix_dir: Path, by_source: list[tuple], taxa: list[tuple]) -> lis
     if taxa:
         ax.barh([t for t, _ in taxa], [n for _, n in taxa], color="tab:green")
         ax.invert_yaxis()
-    ax.set(title=f"{mix_dir.name}: top {TOP_TAXA} species", xlabel="samples")
+    ax.set(title=f"{mix_dir.name}: top {len(taxa)} species", xlabel="samples")
     out.append(_save(fig, mix_dir / "taxa.png"))
     return out
 
