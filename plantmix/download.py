@@ -9,14 +9,15 @@ recorded, and a rerun ends any survivor before resuming with img2dataset's own i
 
 from __future__ import annotations
 
+import contextlib
 import ctypes
 import hashlib
 import json
 import math
+import multiprocessing
 import os
 import shutil
 import signal
-import subprocess
 import sys
 import time
 from pathlib import Path
@@ -93,36 +94,52 @@ def _img2dataset_args(cfg: DownloadConfig) -> dict:
     )
 
 
-# The child: create a small local Spark session first when asked (img2dataset would otherwise ask for
-# 16 GB of driver memory), then call img2dataset's Python API with the JSON arguments.
-_CHILD = r"""
-import json, os, signal, sys
-# The build died (PDEATHSIG → SIGTERM): take the whole process group down, img2dataset's worker
-# processes and any Spark JVM included, so no orphan finishes a shard against a dead server.
-signal.signal(signal.SIGTERM, lambda *_: os.killpg(0, signal.SIGKILL))
-if os.getppid() == 1:
-    os.killpg(0, signal.SIGKILL)
-os.environ.setdefault("NO_ALBUMENTATIONS_UPDATE", "1")
-args = json.loads(sys.argv[1])
-if args["distributor"] == "pyspark":
-    from pyspark.sql import SparkSession
-    spark = (SparkSession.builder.master(f"local[{args['processes_count']}]")
-             .config("spark.driver.memory", "2g").config("spark.ui.enabled", "false")
-             .appName("plantmix-download").getOrCreate())
-    spark.sparkContext.setLogLevel("ERROR")
-from img2dataset import download
-download(**args)
-"""
+def _run_img2dataset(args: dict, log_path: str) -> None:
+    """Body of the forked child: own process group, output to the log, then img2dataset's API.
 
-
-def _die_with_parent() -> None:
-    """In the child: own process group, and SIGTERM when the parent dies (Linux prctl), which the
-    child turns into a SIGKILL of its whole group."""
+    When the build dies, PDEATHSIG sends SIGTERM, which the child turns into a SIGKILL of its whole
+    group (img2dataset's worker processes and any Spark JVM included), so no orphan finishes a shard
+    against a dead server. Forking (rather than starting a fresh interpreter) reuses the parent's
+    imported img2dataset, which takes seconds to import.
+    """
     os.setsid()
+    signal.signal(signal.SIGTERM, lambda *_: os.killpg(0, signal.SIGKILL))
+    signal.signal(signal.SIGINT, signal.SIG_DFL)
     try:
         ctypes.CDLL("libc.so.6", use_errno=True).prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG
     except OSError:
         pass
+    if os.getppid() == 1:
+        os.killpg(0, signal.SIGKILL)
+    fd = os.open(log_path, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o644)
+    os.dup2(fd, 1)
+    os.dup2(fd, 2)
+    null = os.open(os.devnull, os.O_RDONLY)
+    os.dup2(null, 0)
+    sys.stdout = open(1, "w", buffering=1, closefd=False)
+    sys.stderr = open(2, "w", buffering=1, closefd=False)
+    os.environ["NO_ALBUMENTATIONS_UPDATE"] = "1"
+    os.environ["PYSPARK_PYTHON"] = sys.executable
+    # img2dataset's spawned workers would re-import our __main__ (a CLI, a notebook, stdin): they
+    # need nothing from it, so hide it from multiprocessing's spawn preparation.
+    main = sys.modules["__main__"]
+    main.__dict__.pop("__file__", None)
+    main.__spec__ = None
+    if args["distributor"] == "pyspark":
+        # img2dataset would otherwise start its own session asking for 16 GB of driver memory.
+        from pyspark.sql import SparkSession
+
+        spark = (
+            SparkSession.builder.master(f"local[{args['processes_count']}]")
+            .config("spark.driver.memory", "2g")
+            .config("spark.ui.enabled", "false")
+            .appName("plantmix-download")
+            .getOrCreate()
+        )
+        spark.sparkContext.setLogLevel("ERROR")
+    from img2dataset import download
+
+    download(**args)
 
 
 def _kill_leftover(started: Path) -> None:
@@ -174,28 +191,24 @@ def download_source(
     args = dict(_img2dataset_args(cfg), url_list=str(input_path), output_folder=str(out_dir))
     log_path = out_dir.with_name(out_dir.name + ".log")
     expected_shards = max(1, math.ceil(rows.num_rows / cfg.number_sample_per_shard))
-    env = dict(os.environ, NO_ALBUMENTATIONS_UPDATE="1", PYSPARK_PYTHON=sys.executable)
-    with open(log_path, "ab") as log:
-        proc = subprocess.Popen(
-            [sys.executable, "-c", _CHILD, json.dumps(args)],
-            stdout=log,
-            stderr=subprocess.STDOUT,
-            stdin=subprocess.DEVNULL,
-            preexec_fn=_die_with_parent,
-            env=env,
-        )
-        atomic_write_text(started, json.dumps({"key": key, "pgid": proc.pid}))
-        try:
-            while proc.poll() is None:
-                if progress is not None:
-                    progress(len(list(out_dir.glob("*_stats.json"))), expected_shards)
-                time.sleep(0.3)
-        except BaseException:
+    os.environ.setdefault("NO_ALBUMENTATIONS_UPDATE", "1")
+    import img2dataset  # noqa: F401  (imported once here; the forked child inherits it)
+
+    proc = multiprocessing.get_context("fork").Process(target=_run_img2dataset, args=(args, str(log_path)))
+    proc.start()
+    atomic_write_text(started, json.dumps({"key": key, "pgid": proc.pid}))
+    try:
+        while proc.is_alive():
+            if progress is not None:
+                progress(len(list(out_dir.glob("*_stats.json"))), expected_shards)
+            proc.join(0.3)
+    except BaseException:
+        with contextlib.suppress(ProcessLookupError):
             os.killpg(proc.pid, signal.SIGKILL)
-            raise
-    if proc.returncode != 0:
+        raise
+    if proc.exitcode != 0:
         tail = log_path.read_text(errors="replace").strip().splitlines()[-1:] or ["(no output)"]
-        raise PlantmixError(f"img2dataset failed for {out_dir.name} (exit {proc.returncode}): {tail[0]} — see {log_path}")
+        raise PlantmixError(f"img2dataset failed for {out_dir.name} (exit {proc.exitcode}): {tail[0]} — see {log_path}")
     summary = summarize_download(out_dir)
     if progress is not None:
         progress(expected_shards, expected_shards)
