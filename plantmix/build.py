@@ -178,7 +178,7 @@ def run_build(
     from plantmix.mix import run_mix
 
     for spec in recipe.mix:
-        out = run_mix(build_dir, spec, recipe_hash=recipe.hash())
+        out = run_mix(build_dir, spec, recipe_hash=recipe.hash(), workers=recipe.download.processes_count)
         console.print(f"[green]✓[/] mix → {out}")
     return manifest_path
 

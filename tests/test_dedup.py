@@ -309,7 +309,7 @@ def test_multi_chunk_input():
     rows = random_rows(8, 600, 4, False)
     t = pa.concat_tables([table(rows[:250]), table(rows[250:])])
     assert t.column("uid").num_chunks == 2
-    assert decisions(dedup(t, DedupConfig(), PRIORITY)) == reference(rows, 4)
+    assert decisions(dedup(t, DedupConfig(phash_radius=4), PRIORITY)) == reference(rows, 4)
 
 
 def test_bad_input_names_the_problem():
