@@ -95,7 +95,7 @@ def run_build(
         from plantmix.demo.world import generate_world
 
         with console.status("generating the demo world"):
-            demo_dir = generate_world(build_dir / "demo_world", recipe.demo_world)
+            demo_dir = generate_world(build_dir / "demo_world", recipe.demo_world).resolve()
 
     # 1. ingest
     candidates_path = build_dir / "candidates.parquet"
