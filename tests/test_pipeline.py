@@ -33,9 +33,9 @@ def small_recipe(tmp_path: Path, **download) -> Path:
     return path
 
 
-def plantmix(*args: str, env: dict | None = None, check: bool = True) -> subprocess.CompletedProcess:
+def plantmix(*args: str, env: dict | None = None, check: bool = True, cwd: Path | None = None) -> subprocess.CompletedProcess:
     cmd = [sys.executable, "-m", "plantmix.cli", *args]
-    p = subprocess.run(cmd, capture_output=True, text=True, env={**os.environ, **(env or {})}, timeout=600)
+    p = subprocess.run(cmd, capture_output=True, text=True, env={**os.environ, **(env or {})}, timeout=600, cwd=cwd)
     if check and p.returncode != 0:
         raise AssertionError(f"{cmd} failed ({p.returncode}):\n{p.stdout[-3000:]}\n{p.stderr[-3000:]}")
     return p
@@ -44,7 +44,8 @@ def plantmix(*args: str, env: dict | None = None, check: bool = True) -> subproc
 @pytest.fixture(scope="module")
 def reference(tmp_path_factory) -> Path:
     tmp = tmp_path_factory.mktemp("ref")
-    plantmix("build", str(small_recipe(tmp)), "--out", str(tmp / "build"))
+    # a relative --out, as users type it
+    plantmix("build", str(small_recipe(tmp)), "--out", "build", cwd=tmp)
     return tmp / "build"
 
 
