@@ -145,7 +145,7 @@ class MBDC(nn.Module):
         # Step 4: per head, softmax over valid non-anchor tokens of the cosine to the anchor.
         rows = torch.arange(batch, device=x.device)
         positions = torch.arange(length, device=x.device)
-        keep = mask & (positions.unsqueeze(0) != anchor_index.unsqueeze(1))  # (B, M)
+        keep = mask.bool() & (positions.unsqueeze(0) != anchor_index.unsqueeze(1))  # (B, M)
         anchor = x[rows, :, anchor_index]  # (B, h, d)
         dot = torch.matmul(x, anchor.unsqueeze(-1)).squeeze(-1)  # (B, h, M)
         norms = x.norm(dim=-1).clamp_min(1e-12) * anchor.norm(dim=-1, keepdim=True).clamp_min(1e-12)
