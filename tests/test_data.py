@@ -33,13 +33,8 @@ SHAPES = ("circle", "square", "triangle")
 CLASSES = [(c, s) for c in COLOURS for s in SHAPES]
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    """One intra-op thread: on a small shared CPU, more threads make these tiny models much slower."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+# One intra-op thread: on a small shared CPU, more threads make these tiny models much slower.
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 def shape_image(colour: str, shape: str, rng: random.Random, size: int = 40) -> Image.Image:

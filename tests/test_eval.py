@@ -22,12 +22,8 @@ sys.path.insert(0, str(Path(__file__).parent))
 from test_data import CLASSES, shape_image, write_shape_shards  # noqa: E402
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+# One intra-op thread: on a small shared CPU, more threads make these tiny models much slower.
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 def test_topk_and_recall():

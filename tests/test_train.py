@@ -22,13 +22,8 @@ from test_data import _corrupt_copy, write_shape_shards  # noqa: E402
 
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    """One intra-op thread: on a small shared CPU, more threads make these tiny models much slower."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+# One intra-op thread: on a small shared CPU, more threads make these tiny models much slower.
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 @pytest.fixture(scope="module")
