@@ -10,6 +10,8 @@ from __future__ import annotations
 from pathlib import Path
 
 from rich.console import Console
+
+from plantmix.report import make_console
 from rich.table import Table
 
 from plantmix.recipe import Recipe
@@ -116,7 +118,7 @@ def _n(v: float | None) -> str:
 
 def print_plan(recipe: Recipe, recipe_path: str | Path | None = None, console: Console | None = None) -> dict:
     """Validate-only run: print stages, sources, expected counts, disk and time; touch nothing."""
-    console = console or Console()
+    console = console or make_console()
     plan = make_plan(recipe)
     dl = recipe.download
     console.rule(f"plan: {recipe.name} ({recipe_path or 'recipe'}), recipe hash {plan['hash']}")
@@ -124,11 +126,18 @@ def print_plan(recipe: Recipe, recipe_path: str | Path | None = None, console: C
         console.print(recipe.description, highlight=False)
 
     t = Table(title="Sources (expected rows from the recipe; later columns are estimates)")
-    for col in ("source", "domain", "format", "expected rows", "max rows", "candidates", "stored (est.)", "kept (est.)", "caption", "license", "homepage"):  # fmt: skip
-        t.add_column(col, justify="right" if "rows" in col or col in ("candidates",) or "est." in col else "left")
+    for col in ("source", "domain", "format", "expected rows", "max rows", "candidates", "stored (est.)", "kept (est.)", "caption"):  # fmt: skip
+        t.add_column(col, justify="right" if "rows" in col or col in ("candidates",) or "est." in col else "left", no_wrap=col == "source")
     for s in plan["sources"]:
         t.add_row(s["name"], s["domain"], s["format"], _n(s["expected_rows"]), _n(s["max_rows"]), _n(s["candidates"]),
-                  _n(s["stored"]), _n(s["kept"]), s["caption"], s["license"] or "", s["homepage"] or "")  # fmt: skip
+                  _n(s["stored"]), _n(s["kept"]), s["caption"])  # fmt: skip
+    console.print(t)
+    # Provenance in its own table: licence notes are long and would squeeze the counts above.
+    t = Table(title="Provenance")
+    for col in ("source", "license", "homepage"):
+        t.add_column(col, no_wrap=col == "source")
+    for s in plan["sources"]:
+        t.add_row(s["name"], s["license"] or "", s["homepage"] or "")
     console.print(t)
     if plan["unknown_rows"]:
         console.print(f"[yellow]no expected_rows for {', '.join(plan['unknown_rows'])}: counts below leave them out[/]")
