@@ -126,8 +126,9 @@ def print_plan(recipe: Recipe, recipe_path: str | Path | None = None, console: C
         console.print(recipe.description, highlight=False)
 
     t = Table(title="Sources (expected rows from the recipe; later columns are estimates)")
-    for col in ("source", "domain", "format", "expected rows", "max rows", "candidates", "stored (est.)", "kept (est.)", "caption"):  # fmt: skip
-        t.add_column(col, justify="right" if "rows" in col or col in ("candidates",) or "est." in col else "left", no_wrap=col == "source")
+    for col in ("source", "domain", "format", "expected\nrows", "max\nrows", "candi-\ndates", "stored\n(est.)", "kept\n(est.)", "caption"):  # fmt: skip
+        numeric = "\n" in col
+        t.add_column(col, justify="right" if numeric else "left", no_wrap=numeric or col == "source")
     for s in plan["sources"]:
         t.add_row(s["name"], s["domain"], s["format"], _n(s["expected_rows"]), _n(s["max_rows"]), _n(s["candidates"]),
                   _n(s["stored"]), _n(s["kept"]), s["caption"])  # fmt: skip
