@@ -21,7 +21,7 @@ from plantmix.dedup import dedup
 from plantmix.download import download_source
 from plantmix.errors import PlantmixError
 from plantmix.filters import apply_filters
-from plantmix.ingest import ingest, resolve_source_path
+from plantmix.ingest import ingest, resolve_source_path, taxonomy_path
 from plantmix.manifest import hash_shards, join_manifest
 from plantmix.recipe import Recipe
 from plantmix.report import funnel, funnel_table, make_console
@@ -66,7 +66,7 @@ def _source_inputs(recipe: Recipe, base_dir: Path, demo_dir: Path | None) -> lis
                 raise PlantmixError(f"source '{s.name}': path not found: {p}")
             paths.append(Path(p))
         if s.taxonomy:
-            paths.append(Path(resolve_source_path(s.model_copy(update={"path": s.taxonomy}), base_dir, None)))
+            paths.append(taxonomy_path(s, base_dir, demo_dir))
     return paths
 
 

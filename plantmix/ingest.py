@@ -44,22 +44,29 @@ def make_uid(source: str, identity: str) -> str:
     return hashlib.sha256(f"{source}\x00{identity}".encode()).hexdigest()[:32]
 
 
-def resolve_source_path(source: SourceConfig, base_dir: Path, demo_dir: Path | None) -> str:
+def resolve_path(raw: str, base_dir: Path, demo_dir: Path | None, source: str) -> str:
     """Expand `{demo}` and make relative paths relative to the recipe's directory."""
-    raw = source.path
     if "{demo}" in raw:
         if demo_dir is None:
-            raise PlantmixError(f"source '{source.name}': path uses {{demo}} but no demo world was generated")
+            raise PlantmixError(f"source '{source}': path uses {{demo}} but no demo world was generated")
         raw = raw.replace("{demo}", str(demo_dir))
     p = Path(raw).expanduser()
     return str(p if p.is_absolute() else base_dir / p)
 
 
-def read_source(source: SourceConfig, path: str, base_dir: Path, extract_dir: Path) -> pa.Table:
+def resolve_source_path(source: SourceConfig, base_dir: Path, demo_dir: Path | None) -> str:
+    return resolve_path(source.path, base_dir, demo_dir, source.name)
+
+
+def taxonomy_path(source: SourceConfig, base_dir: Path, demo_dir: Path | None) -> Path | None:
+    """The image-folder taxonomy table, resolved like the source path (None when not given)."""
+    return Path(resolve_path(source.taxonomy, base_dir, demo_dir, source.name)) if source.taxonomy else None
+
+
+def read_source(source: SourceConfig, path: str, taxonomy: Path | None, extract_dir: Path) -> pa.Table:
     if source.format == "url_list":
         return read_url_list(Path(path), source.columns, source.file_format, source.name)
     if source.format == "image_folder":
-        taxonomy = Path(resolve_source_path(source.model_copy(update={"path": source.taxonomy}), base_dir, None)) if source.taxonomy else None
         return read_image_folder(Path(path), source.name, taxonomy)
     if source.format == "image_text_folder":
         return read_image_text_folder(Path(path), source.name)
@@ -135,10 +142,10 @@ def ingest(
     reports = []
     for source in recipe.sources:
         path = resolve_source_path(source, base_dir, demo_dir)
-        table = read_source(source, path, base_dir, extract_dir)
+        table = read_source(source, path, taxonomy_path(source, base_dir, demo_dir), extract_dir)
         source_rows, report = ingest_source(source, table, recipe.download.allowed_schemes, recipe.seed)
         rows.extend(source_rows)
         reports.append(report)
     table = pa.Table.from_pylist(rows, schema=CANDIDATE_SCHEMA)
-    assert sum(r.rows_read for r in reports) == pc.sum(table["input_rows"]).as_py() or table.num_rows == 0
+    assert sum(r.rows_read for r in reports) == (pc.sum(table["input_rows"]).as_py() or 0)
     return table, reports
