@@ -22,9 +22,9 @@ import pandas as pd
 import pyarrow as pa
 import pyarrow.compute as pc
 
-from plantmix.dedup import dedup_exact, dedup_near, near_pairs
-from plantmix.hashing import hamming, popcount64
-from plantmix.schema import DROP_DUPLICATE_EXACT, DROP_DUPLICATE_NEAR
+from plantmix.curate.dedup import dedup_exact, dedup_near, near_pairs
+from plantmix.core.hashing import hamming, popcount64
+from plantmix.core.schema import DROP_DUPLICATE_EXACT, DROP_DUPLICATE_NEAR
 
 PRIORITY = {"plant_a": 2, "plant_b": 1, "general": 0}
 _HEX = np.frombuffer(b"0123456789abcdef", np.uint8)

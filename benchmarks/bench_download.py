@@ -26,9 +26,9 @@ import pyarrow.parquet as pq  # noqa: E402
 from plantmix.demo import DEMO_BASE_URL  # noqa: E402
 from plantmix.demo.server import serve_world  # noqa: E402
 from plantmix.demo.world import generate_world  # noqa: E402
-from plantmix.download import _img2dataset_args, download_source, fetch_urls  # noqa: E402
-from plantmix.ingest import make_uid  # noqa: E402
-from plantmix.recipe import DemoWorldConfig, DownloadConfig  # noqa: E402
+from plantmix.stages.download import _img2dataset_args, download_source, fetch_urls  # noqa: E402
+from plantmix.stages.ingest import make_uid  # noqa: E402
+from plantmix.core.recipe import DemoWorldConfig, DownloadConfig  # noqa: E402
 
 
 def clean_rows(world: Path) -> pa.Table:

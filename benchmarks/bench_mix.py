@@ -5,7 +5,7 @@
 Generates (once, cached in --workdir) an N-row manifest with the schema's columns: plant rows
 (80 %) spread over `--species` species with a Zipf long tail (frequency ∝ rank^-0.9), general rows (20 %), 4 % keep = false.
 Then, each in its own child process so that peak RSS is per phase:
-  select   plantmix.mix: read the needed columns, hash, order, cap, take, shuffle;
+  select   plantmix.mix.select: read the needed columns, hash, order, cap, take, shuffle;
   pandas   the same selection written plainly in pandas (sort_values, groupby().cumcount(), iloc),
            computing the same documented hash one Python call per row, as a straightforward
            implementation would; results must be identical;
@@ -32,10 +32,10 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
-from plantmix.mix import (
-    MixSpec, fnv1a64, read_selection_columns, select, selection_keys, shuffle_keys, splitmix64, write_mix_manifest,
-)  # fmt: skip
-from plantmix.schema import CANDIDATE_FIELDS, MANIFEST_EXTRA_FIELDS
+from plantmix.mix.run import write_mix_manifest
+from plantmix.mix.select import fnv1a64, read_selection_columns, select, selection_keys, shuffle_keys, splitmix64
+from plantmix.mix.spec import MixSpec
+from plantmix.core.schema import CANDIDATE_FIELDS, MANIFEST_EXTRA_FIELDS
 
 SCHEMA = pa.schema(
     [f for f in CANDIDATE_FIELDS if f.name != "drop_reason"] + MANIFEST_EXTRA_FIELDS + [pa.field("drop_reason", pa.string())]

@@ -30,10 +30,12 @@ import pyarrow.parquet as pq
 import webdataset as wds
 from PIL import Image
 
-from plantmix.mix import MixSpec, read_selection_columns, select, write_mix_manifest
-from plantmix.schema import CANDIDATE_FIELDS, MANIFEST_EXTRA_FIELDS
-from plantmix.shards import write_shards
-from plantmix.stage import fingerprint, mark_done
+from plantmix.mix.run import write_mix_manifest
+from plantmix.mix.select import read_selection_columns, select
+from plantmix.mix.spec import MixSpec
+from plantmix.core.schema import CANDIDATE_FIELDS, MANIFEST_EXTRA_FIELDS
+from plantmix.mix.shards import write_shards
+from plantmix.core.stage import fingerprint, mark_done
 
 SCHEMA = pa.schema(
     [f for f in CANDIDATE_FIELDS if f.name != "drop_reason"] + MANIFEST_EXTRA_FIELDS + [pa.field("drop_reason", pa.string())]

@@ -27,7 +27,7 @@ import torch
 from safetensors import SafetensorError
 
 from dalip.errors import CheckpointError
-from plantmix.stage import atomic_path
+from plantmix.core.stage import atomic_path
 
 MODEL_FILE = "model.safetensors"
 STATE_FILE = "state.pt"

@@ -17,15 +17,15 @@ import yaml
 from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
-from plantmix.dedup import dedup
-from plantmix.download import download_source
-from plantmix.errors import PlantmixError
-from plantmix.filters import apply_filters
-from plantmix.ingest import ingest, resolve_source_path, taxonomy_path
-from plantmix.manifest import hash_shards, join_manifest
-from plantmix.recipe import Recipe
+from plantmix.curate.dedup import dedup
+from plantmix.stages.download import download_source
+from plantmix.core.errors import PlantmixError
+from plantmix.curate.filters import apply_filters
+from plantmix.stages.ingest import ingest, resolve_source_path, taxonomy_path
+from plantmix.stages.join import hash_shards, join_manifest
+from plantmix.core.recipe import Recipe
 from plantmix.report import funnel, funnel_table, make_console
-from plantmix.stage import atomic_write_text, fingerprint, is_done, mark_done, write_parquet
+from plantmix.core.stage import atomic_write_text, fingerprint, is_done, mark_done, write_parquet
 
 STAGES = ("ingest", "download", "manifest", "dedup", "filter", "mix")
 _PACKAGES = ("plantmix-dalip", "img2dataset", "duckdb", "pyarrow", "webdataset", "open_clip_torch", "imagehash", "torch")
@@ -58,7 +58,7 @@ def _source_inputs(recipe: Recipe, base_dir: Path, demo_dir: Path | None) -> lis
     for s in recipe.sources:
         p = resolve_source_path(s, base_dir, demo_dir)
         if s.format == "webdataset":
-            from plantmix.sources import expand_shards
+            from plantmix.stages.sources import expand_shards
 
             paths.extend(expand_shards(p, s.name))
         else:
@@ -175,7 +175,7 @@ def run_build(
         return manifest_path
 
     # 6. mixes
-    from plantmix.mix import run_mix
+    from plantmix.mix.run import run_mix
 
     for spec in recipe.mix:
         out = run_mix(build_dir, spec, recipe_hash=recipe.hash(), workers=recipe.download.processes_count)

@@ -9,7 +9,7 @@ from typing import Optional
 import typer
 from rich.console import Console
 
-from plantmix.errors import PlantmixError
+from plantmix.core.errors import PlantmixError
 
 app = typer.Typer(
     name="plantmix",
@@ -32,7 +32,7 @@ def build(
     until: Optional[str] = typer.Option(None, "--until", help="Stop after this stage (ingest, download, manifest, dedup, filter, mix)."),
 ) -> None:
     """Run a recipe end to end. Finished stages are skipped; an interrupted build resumes."""
-    from plantmix.recipe import load_recipe
+    from plantmix.core.recipe import load_recipe
 
     r = load_recipe(recipe)
     if dry_run:
@@ -72,7 +72,8 @@ def mix(
     workers: int = typer.Option(1, "--workers", help="Processes for indexing and shard writing."),
 ) -> None:
     """Select a plant/general mix (hash-ordered, nested across sizes) and write shuffled webdataset shards."""
-    from plantmix.mix import make_spec, run_mix
+    from plantmix.mix.spec import make_spec
+    from plantmix.mix.run import run_mix
 
     spec = make_spec(
         ratio=ratio, total=total, plant=plant, general=general, seed=seed, name=name,
@@ -93,7 +94,7 @@ def verify(
     the shard's parquet (the hash of the bytes as written to the shard, not the manifest's sha256 of
     the originally downloaded bytes, which img2dataset may have resized or re-encoded). Exits 1 on
     any mismatch."""
-    from plantmix.verify import print_report, verify_shards
+    from plantmix.mix.verify import print_report, verify_shards
 
     report = verify_shards(shards_dir, workers=workers)
     print_report(report, Console())

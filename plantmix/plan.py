@@ -14,7 +14,7 @@ from rich.console import Console
 from plantmix.report import make_console
 from rich.table import Table
 
-from plantmix.recipe import Recipe
+from plantmix.core.recipe import Recipe
 
 STAGES = (
     ("ingest", "read every source into candidates.parquet (uid, provenance, captions)"),

@@ -11,8 +11,8 @@ import pyarrow.parquet as pq
 from rich.console import Console
 from rich.table import Table
 
-from plantmix.errors import PlantmixError
-from plantmix.schema import DROP_DOWNLOAD_FAILED
+from plantmix.core.errors import PlantmixError
+from plantmix.core.schema import DROP_DOWNLOAD_FAILED
 
 COLLAPSED = "duplicate_uid_collapsed"
 

@@ -15,7 +15,7 @@ import pyarrow.parquet as pq
 import webdataset as wds
 from PIL import Image
 
-from plantmix.schema import CANDIDATE_FIELDS, MANIFEST_EXTRA_FIELDS, TAXON_RANKS
+from plantmix.core.schema import CANDIDATE_FIELDS, MANIFEST_EXTRA_FIELDS, TAXON_RANKS
 
 SCHEMA = pa.schema(
     [f for f in CANDIDATE_FIELDS if f.name != "drop_reason"] + MANIFEST_EXTRA_FIELDS + [pa.field("drop_reason", pa.string())]

@@ -11,12 +11,12 @@ import pyarrow as pa
 import pytest
 from PIL import Image, ImageDraw, ImageFilter
 
-import plantmix.dedup as dd
-from plantmix.dedup import dedup, dedup_exact, dedup_near, greedy_keep, near_pairs
-from plantmix.errors import PlantmixError
-from plantmix.hashing import hamming, phash64, phash_bytes, popcount64
-from plantmix.recipe import DedupConfig
-from plantmix.schema import DROP_DUPLICATE_EXACT, DROP_DUPLICATE_NEAR
+import plantmix.curate.dedup as dd
+from plantmix.curate.dedup import dedup, dedup_exact, dedup_near, greedy_keep, near_pairs
+from plantmix.core.errors import PlantmixError
+from plantmix.core.hashing import hamming, phash64, phash_bytes, popcount64
+from plantmix.core.recipe import DedupConfig
+from plantmix.core.schema import DROP_DUPLICATE_EXACT, DROP_DUPLICATE_NEAR
 
 PRIORITY = {"a": 2, "b": 0, "c": 1}
 SCHEMA = pa.schema([

@@ -28,9 +28,9 @@ from plantmix.demo import (
 from plantmix.demo.world import (
     DUP_FAULTS, EXTRA_ROW_FAULTS, IN_PLACE_FAULTS, _plan_faults, select_species, species_table_path, texture_groups,
 )
-from plantmix.errors import PlantmixError
-from plantmix.recipe import DemoWorldConfig
-from plantmix.schema import TAXON_COLUMNS, TAXON_RANKS
+from plantmix.core.errors import PlantmixError
+from plantmix.core.recipe import DemoWorldConfig
+from plantmix.core.schema import TAXON_COLUMNS, TAXON_RANKS
 
 REPO = Path(__file__).resolve().parents[1]
 # Small but complete: every fault kind appears at least once in each list.

@@ -1,8 +1,8 @@
 import pyarrow as pa
 import pytest
 
-from plantmix.filters import apply_filters, caption_reason, image_reason
-from plantmix.recipe import FilterConfig
+from plantmix.curate.filters import apply_filters, caption_reason, image_reason
+from plantmix.core.recipe import FilterConfig
 
 CFG = FilterConfig(min_side=64, max_aspect_ratio=4, caption_min_words=2, caption_max_words=10, caption_scripts=["LATIN"])
 

@@ -8,9 +8,9 @@ import pyarrow.compute as pc
 import pytest
 from PIL import Image
 
-from plantmix.errors import PlantmixError
-from plantmix.ingest import ingest, make_uid
-from plantmix.recipe import Recipe
+from plantmix.core.errors import PlantmixError
+from plantmix.stages.ingest import ingest, make_uid
+from plantmix.core.recipe import Recipe
 
 ROWS = [
     {"URL": "http://a.example/1.jpg", "TEXT": "a leaf of oak", "sp": "Quercus robur"},

@@ -10,9 +10,10 @@ import pyarrow as pa
 import pytest
 import yaml
 
-from plantmix.errors import PlantmixError, ShortfallError
-from plantmix.mix import MixSpec, argsort_u64, fnv1a64, make_spec, select, selection_keys, splitmix64
-from plantmix.recipe import Recipe
+from plantmix.core.errors import PlantmixError, ShortfallError
+from plantmix.mix.select import argsort_u64, fnv1a64, select, selection_keys, splitmix64
+from plantmix.mix.spec import MixSpec, make_spec
+from plantmix.core.recipe import Recipe
 
 M64 = (1 << 64) - 1
 

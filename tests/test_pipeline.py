@@ -57,7 +57,7 @@ def decisions(build: Path) -> list[tuple]:
 
 def truth_by_uid(build: Path):
     """Ground-truth rows keyed by our uid (the demo lists carry a stable `key` column)."""
-    from plantmix.ingest import make_uid
+    from plantmix.stages.ingest import make_uid
 
     gt = pq.read_table(build / "demo_world" / "ground_truth.parquet").to_pylist()
     source_of = {"plant": "demo_plant", "general": "demo_general"}
@@ -140,7 +140,7 @@ def test_every_planted_fault_ends_as_expected(reference):
 
 def test_dedup_against_planted_truth(reference):
     """Exact recall 100 %; near recall ≥ 95 % and pairwise precision ≥ 99 % (DESIGN acceptance c)."""
-    from plantmix.ingest import make_uid
+    from plantmix.stages.ingest import make_uid
 
     m = pq.read_table(reference / "manifest.parquet").to_pylist()
     by_uid = {r["uid"]: r for r in m}

@@ -11,7 +11,7 @@ from typer.testing import CliRunner
 
 from plantmix import plan
 from plantmix.cli import app
-from plantmix.recipe import Recipe, SourceConfig, load_recipe
+from plantmix.core.recipe import Recipe, SourceConfig, load_recipe
 
 ROOT = Path(__file__).resolve().parents[1]
 RECIPE = ROOT / "pipelines" / "plantmix-13m.yaml"

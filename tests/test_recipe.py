@@ -2,8 +2,8 @@ from pathlib import Path
 
 import pytest
 
-from plantmix.errors import PlantmixError
-from plantmix.recipe import load_recipe
+from plantmix.core.errors import PlantmixError
+from plantmix.core.recipe import load_recipe
 
 ROOT = Path(__file__).resolve().parents[1]
 

@@ -20,8 +20,9 @@ from typer.testing import CliRunner
 
 from mixbuild import make_build
 from plantmix.cli import app
-from plantmix.errors import PlantmixError
-from plantmix.mix import make_spec, run_mix
+from plantmix.core.errors import PlantmixError
+from plantmix.mix.run import run_mix
+from plantmix.mix.spec import make_spec
 
 PY = sys.executable
 PLANTMIX = str(Path(sys.executable).with_name("plantmix"))
@@ -150,7 +151,8 @@ def test_sigkill_mid_shard_then_resume_matches_uninterrupted(tmp_path, mix_dir):
 import os, signal, sys
 sys.path.insert(0, {str(Path(__file__).parent)!r})
 import webdataset as wds
-from plantmix.mix import make_spec, run_mix
+from plantmix.mix.run import run_mix
+from plantmix.mix.spec import make_spec
 write, calls = wds.TarWriter.write, [0]
 def write_then_die(self, obj):
     calls[0] += 1

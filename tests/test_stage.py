@@ -1,7 +1,7 @@
 import pyarrow as pa
 import pytest
 
-from plantmix.stage import atomic_path, fingerprint, is_done, mark_done, read_parquet, write_parquet
+from plantmix.core.stage import atomic_path, fingerprint, is_done, mark_done, read_parquet, write_parquet
 
 
 def test_atomic_path_leaves_old_output_on_failure(tmp_path):

@@ -17,7 +17,7 @@ from pathlib import Path
 from urllib.parse import urlsplit
 
 from plantmix.demo.world import DEMO_BASE_URL
-from plantmix.errors import PlantmixError
+from plantmix.core.errors import PlantmixError
 
 
 def live_url(url: str, base_url: str) -> str:

@@ -36,10 +36,10 @@ from PIL import Image
 from plantmix.demo.draw import (
     LEAF_SHAPES, MARGINS, TEXTURES, VENATIONS, PlantTraits, draw_plant, draw_scene, hex_rgb,
 )
-from plantmix.errors import PlantmixError
-from plantmix.recipe import DemoWorldConfig
-from plantmix.schema import TAXON_COLUMNS, TAXON_RANKS
-from plantmix.stage import atomic_path, write_parquet
+from plantmix.core.errors import PlantmixError
+from plantmix.core.recipe import DemoWorldConfig
+from plantmix.core.schema import TAXON_COLUMNS, TAXON_RANKS
+from plantmix.core.stage import atomic_path, write_parquet
 
 DEMO_BASE_URL = "http://plantmix-demo.invalid"
 WORLD_VERSION = 1

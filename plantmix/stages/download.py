@@ -25,9 +25,9 @@ from pathlib import Path
 import pyarrow as pa
 import pyarrow.compute as pc
 
-from plantmix.errors import PlantmixError
-from plantmix.recipe import DownloadConfig
-from plantmix.stage import atomic_write_text, is_done, mark_done, write_parquet
+from plantmix.core.errors import PlantmixError
+from plantmix.core.recipe import DownloadConfig
+from plantmix.core.stage import atomic_write_text, is_done, mark_done, write_parquet
 
 # img2dataset settings we fix: the manifest contract depends on them.
 _FIXED = dict(

@@ -33,9 +33,9 @@ import pyarrow.compute as pc
 import pyarrow.parquet as pq
 import webdataset as wds
 
-from plantmix.errors import PlantmixError
-from plantmix.schema import CAPTION_TEMPLATES, TAXON_RANKS
-from plantmix.stage import atomic_path, atomic_write_text, fingerprint, is_done, mark_done, write_parquet
+from plantmix.core.errors import PlantmixError
+from plantmix.core.schema import CAPTION_TEMPLATES, TAXON_RANKS
+from plantmix.core.stage import atomic_path, atomic_write_text, fingerprint, is_done, mark_done, write_parquet
 
 IMAGE_EXTS = ("jpg", "jpeg", "png", "webp")
 TAR_MTIME = 0  # fixed so that identical input gives byte-identical shards

@@ -8,7 +8,7 @@ import unicodedata
 import pyarrow as pa
 import pyarrow.compute as pc
 
-from plantmix.recipe import FilterConfig
+from plantmix.core.recipe import FilterConfig
 
 DROP_TOO_SMALL = "image_too_small"
 DROP_ASPECT = "aspect_ratio"

@@ -19,9 +19,9 @@ import pyarrow.json as pajson
 import pyarrow.parquet as pq
 from braceexpand import braceexpand
 
-from plantmix.errors import PlantmixError
-from plantmix.schema import TAXON_COLUMNS
-from plantmix.stage import atomic_path
+from plantmix.core.errors import PlantmixError
+from plantmix.core.schema import TAXON_COLUMNS
+from plantmix.core.stage import atomic_path
 
 MAPPABLE_COLUMNS = ("url", "caption", "key", "license", "attribution", *TAXON_COLUMNS, "common_name")
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".webp", ".bmp", ".gif", ".tif", ".tiff")

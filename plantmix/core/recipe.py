@@ -10,9 +10,9 @@ from typing import Literal
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
-from plantmix.errors import PlantmixError
-from plantmix.mix import MixSpec
-from plantmix.schema import CAPTION_TEMPLATES
+from plantmix.core.errors import PlantmixError
+from plantmix.mix.spec import MixSpec
+from plantmix.core.schema import CAPTION_TEMPLATES
 
 CaptionTemplate = Literal["scientific", "common", "taxonomic", "combined", "sample", "column"]
 
@@ -62,7 +62,7 @@ class SourceConfig(_Strict):
     @field_validator("columns")
     @classmethod
     def _known_columns(cls, v: dict[str, str]) -> dict[str, str]:
-        from plantmix.sources import MAPPABLE_COLUMNS
+        from plantmix.stages.sources import MAPPABLE_COLUMNS
 
         unknown = sorted(set(v) - set(MAPPABLE_COLUMNS))
         if unknown:

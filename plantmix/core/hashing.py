@@ -12,7 +12,7 @@ import imagehash
 import numpy as np
 from PIL import Image
 
-from plantmix.errors import PlantmixError
+from plantmix.core.errors import PlantmixError
 
 # popcount of every 16-bit value: four table lookups per uint64 beat bit-twiddling in numpy 1.26,
 # which has no bitwise_count.

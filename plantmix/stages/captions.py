@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import hashlib
 
-from plantmix.schema import CAPTION_TEMPLATES, TAXON_RANKS
+from plantmix.core.schema import CAPTION_TEMPLATES, TAXON_RANKS
 
 
 def _clean(v: object) -> str | None:

@@ -15,17 +15,17 @@ from urllib.parse import urlsplit
 import pyarrow as pa
 import pyarrow.compute as pc
 
-from plantmix.captions import caption_variants, pick_caption
-from plantmix.errors import PlantmixError
-from plantmix.recipe import Recipe, SourceConfig
-from plantmix.schema import (
+from plantmix.stages.captions import caption_variants, pick_caption
+from plantmix.core.errors import PlantmixError
+from plantmix.core.recipe import Recipe, SourceConfig
+from plantmix.core.schema import (
     CANDIDATE_SCHEMA,
     CAPTION_TEMPLATES,
     DROP_MISSING_URL,
     DROP_UNSUPPORTED_SCHEME,
     TAXON_COLUMNS,
 )
-from plantmix.sources import read_image_folder, read_image_text_folder, read_url_list, read_webdataset
+from plantmix.stages.sources import read_image_folder, read_image_text_folder, read_url_list, read_webdataset
 
 DROP_MISSING_IMAGE = "missing_image"
 

@@ -13,7 +13,7 @@ import duckdb
 import pyarrow.parquet as pq
 
 from plantmix.report import funnel
-from plantmix.stage import atomic_write_text
+from plantmix.core.stage import atomic_write_text
 
 TOP_TAXA = 20
 _FUNNEL_COLUMNS = ["source", "domain", "input_rows", "keep", "status", "drop_reason"]

@@ -32,10 +32,10 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 
-from plantmix.errors import PlantmixError
-from plantmix.hashing import popcount64
-from plantmix.recipe import DedupConfig
-from plantmix.schema import DROP_DUPLICATE_EXACT, DROP_DUPLICATE_NEAR
+from plantmix.core.errors import PlantmixError
+from plantmix.core.hashing import popcount64
+from plantmix.core.recipe import DedupConfig
+from plantmix.core.schema import DROP_DUPLICATE_EXACT, DROP_DUPLICATE_NEAR
 
 REQUIRED_COLUMNS = ("uid", "source", "sha256", "phash", "width", "height", "keep", "drop_reason", "dup_of")
 _PAIR_CHUNK = 1 << 22  # candidate pairs verified at once: bounds temporaries on dense duplicate clusters

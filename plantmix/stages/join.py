@@ -16,9 +16,9 @@ import duckdb
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from plantmix.hashing import phash_bytes
-from plantmix.schema import CANDIDATE_SCHEMA, DROP_DOWNLOAD_FAILED, MANIFEST_EXTRA_FIELDS
-from plantmix.stage import fingerprint, is_done, mark_done, write_parquet
+from plantmix.core.hashing import phash_bytes
+from plantmix.core.schema import CANDIDATE_SCHEMA, DROP_DOWNLOAD_FAILED, MANIFEST_EXTRA_FIELDS
+from plantmix.core.stage import fingerprint, is_done, mark_done, write_parquet
 
 IMAGE_EXTS = (".jpg", ".jpeg", ".png", ".webp")
 STATUS_NOT_ATTEMPTED = "not_attempted"  # dropped at ingest, never sent to the downloader

@@ -22,8 +22,8 @@ from PIL import Image
 from rich.console import Console
 from rich.table import Table
 
-from plantmix.errors import PlantmixError
-from plantmix.shards import IMAGE_EXTS, _sample_key
+from plantmix.core.errors import PlantmixError
+from plantmix.mix.shards import IMAGE_EXTS, _sample_key
 
 MAX_PROBLEMS_PER_SHARD = 20
 
