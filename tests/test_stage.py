@@ -36,3 +36,16 @@ def test_fingerprint_and_markers(tmp_path):
     assert is_done(out, k1) and not is_done(out, "other")
     write_parquet(pa.table({"a": [3]}), src)
     assert fingerprint({"p": 1}, [src]) != k1
+
+
+def test_fingerprint_of_a_directory_sees_edits_and_new_files(tmp_path):
+    d = tmp_path / "images" / "sp"
+    d.mkdir(parents=True)
+    (d / "a.jpg").write_bytes(b"x" * 10)
+    k1 = fingerprint({}, [tmp_path / "images"])
+    assert fingerprint({}, [tmp_path / "images"]) == k1
+    (d / "a.jpg").write_bytes(b"y" * 11)  # edited in place
+    k2 = fingerprint({}, [tmp_path / "images"])
+    (d / "b.jpg").write_bytes(b"z")
+    k3 = fingerprint({}, [tmp_path / "images"])
+    assert len({k1, k2, k3}) == 3
