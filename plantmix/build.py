@@ -1,14 +1,16 @@
-"""`plantmix build`: run a recipe's stages in order (DESIGN §3), skipping finished ones.
+"""`plantmix build`: a recipe becomes a list of stages (DESIGN §3), run in order, finished ones skipped.
 
-Each stage reads the previous stage's parquet and writes its own under a temporary name, renamed
-into place, with a `.done.json` marker holding the fingerprint of its inputs and parameters. A rerun
-after a crash or a kill resumes at the first stage whose marker is missing or stale.
+ingest → download → hashes → join → filter → dedup → decide → report → mix. Curation stages write
+proposals under `proposals/`; only `decide` writes keep / drop_reason / dup_of into manifest.parquet,
+so changing a filter threshold reruns filter and decide, not the pair search. `--dry-run`, `--until`
+and the console read this same list.
 """
 
 from __future__ import annotations
 
 import contextlib
 import importlib.metadata as md
+from dataclasses import dataclass
 from pathlib import Path
 
 import pyarrow.compute as pc
@@ -17,18 +19,26 @@ import yaml
 from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
-from plantmix.curate.dedup import dedup
-from plantmix.stages.download import download_source
 from plantmix.core.errors import PlantmixError
-from plantmix.curate.filters import apply_filters
-from plantmix.stages.ingest import ingest, resolve_source_path, taxonomy_path
-from plantmix.stages.join import hash_shards, join_manifest
 from plantmix.core.recipe import Recipe
+from plantmix.core.stage import Stage, StageResult, atomic_write_text, run_stage
 from plantmix.report import funnel, funnel_table, make_console
-from plantmix.core.stage import atomic_write_text, fingerprint, is_done, mark_done, write_parquet
 
-STAGES = ("ingest", "download", "manifest", "dedup", "filter", "mix")
 _PACKAGES = ("plantmix-dalip", "img2dataset", "duckdb", "pyarrow", "webdataset", "open_clip_torch", "imagehash", "torch")
+
+# name → what it does; the build's stages in order (the dry-run plan prints the same list).
+STAGE_DESCRIPTIONS = {
+    "ingest": "read every source into candidates.parquet (uid, provenance, captions)",
+    "download": "img2dataset → download/<source>/NNNNN.tar (+ .parquet, _stats.json)",
+    "hashes": "pHash (and mirror pHash) of every downloaded image → hashes/<source>/",
+    "join": "download results and hashes onto every candidate → stages/joined.parquet",
+    "filter": "image size/aspect and caption rules → proposals/filters.parquet",
+    "dedup": "near-duplicate pHash pairs (mirrors included) → proposals/near_pairs.parquet",
+    "decide": "row-level rejections, then duplicate groups by the keep rule → manifest.parquet",
+    "report": "funnel, label conflicts and plots → reports/",
+    "mix": "seeded, nested selection per mix → shuffled webdataset shards + dataset card",
+}
+STAGES = tuple(STAGE_DESCRIPTIONS)
 
 
 def package_versions() -> dict[str, str]:
@@ -53,21 +63,36 @@ def _progress(console: Console) -> Progress:
     )
 
 
-def _source_inputs(recipe: Recipe, base_dir: Path, demo_dir: Path | None) -> list[Path]:
-    paths = []
-    for s in recipe.sources:
-        p = resolve_source_path(s, base_dir, demo_dir)
-        if s.format == "webdataset":
-            from plantmix.stages.sources import expand_shards
+@dataclass
+class BuildContext:
+    """What the stages of one build share."""
 
-            paths.extend(expand_shards(p, s.name))
-        else:
-            if not Path(p).exists():
-                raise PlantmixError(f"source '{s.name}': path not found: {p}")
-            paths.append(Path(p))
-        if s.taxonomy:
-            paths.append(taxonomy_path(s, base_dir, demo_dir))
-    return paths
+    recipe: Recipe
+    build_dir: Path
+    base_dir: Path
+    demo_dir: Path | None
+    console: Console
+    stack: contextlib.ExitStack
+    demo_url: dict[str, str] | None = None  # the demo world's URL prefix → its live loopback server
+
+    def path(self, *parts: str) -> Path:
+        return self.build_dir.joinpath(*parts)
+
+
+def build_stages(ctx: BuildContext) -> list[Stage]:
+    """The stages of a recipe, in order."""
+    from plantmix.curate import steps as curate
+    from plantmix.stages import steps
+
+    out = [
+        steps.ingest_stage(ctx), steps.download_stage(ctx), steps.hashes_stage(ctx), steps.join_stage(ctx),
+        curate.filter_stage(ctx), curate.dedup_stage(ctx), curate.decide_stage(ctx), curate.report_stage(ctx),
+    ]  # fmt: skip
+    if ctx.recipe.mix:
+        from plantmix.mix.steps import mix_stage
+
+        out.append(mix_stage(ctx))
+    return out
 
 
 def run_build(
@@ -78,109 +103,45 @@ def run_build(
     recipe_path: Path | None = None,
     console: Console | None = None,
 ) -> Path:
-    """Run (or resume) every stage of `recipe` in `build_dir`; return the manifest path."""
+    """Run (or resume) every stage of `recipe` in `build_dir`; return the manifest path (or the last output)."""
     if until is not None and until not in STAGES:
         raise PlantmixError(f"--until must be one of {', '.join(STAGES)}; got '{until}'")
     console = console or make_console(stderr=True)
     if distributor:
         recipe = recipe.model_copy(update={"download": recipe.download.model_copy(update={"distributor": distributor})})
     build_dir = Path(build_dir)
+    if build_dir.exists() and not build_dir.is_dir():
+        raise PlantmixError(f"--out {build_dir}: exists and is not a directory")
     build_dir.mkdir(parents=True, exist_ok=True)
     base_dir = Path(recipe_path).resolve().parent if recipe_path else Path.cwd()
     write_lock(recipe, build_dir)
     console.rule(f"plantmix build {recipe.name} → {build_dir}")
-
     demo_dir = None
     if recipe.demo_world is not None:
         from plantmix.demo.world import generate_world
 
         with console.status("generating the demo world"):
             demo_dir = generate_world(build_dir / "demo_world", recipe.demo_world).resolve()
+    last = build_dir
+    with contextlib.ExitStack() as stack:
+        ctx = BuildContext(recipe, build_dir, base_dir, demo_dir, console, stack)
+        for stage in build_stages(ctx):
+            with console.status(f"{stage.name}: {stage.describe}"):
+                result = run_stage(stage)
+            _say(console, result)
+            last = stage.output
+            if stage.name == until:
+                break
+    if until in (None, "decide", "report", "mix"):
+        manifest = pq.read_table(build_dir / "manifest.parquet")
+        console.print(funnel_table(funnel(manifest), title=f"Funnel — {recipe.name}"))
+        return build_dir / "manifest.parquet"
+    return last
 
-    # 1. ingest
-    candidates_path = build_dir / "candidates.parquet"
-    key = fingerprint(
-        {"stage": "ingest", "sources": [s.model_dump(mode="json") for s in recipe.sources], "seed": recipe.seed,
-         "schemes": recipe.download.allowed_schemes, "v": 1},
-        _source_inputs(recipe, base_dir, demo_dir),
-    )
-    if not is_done(candidates_path, key):
-        with console.status("ingesting sources"):
-            table, reports = ingest(recipe, base_dir, build_dir / "extracted", demo_dir)
-            write_parquet(table, candidates_path)
-        mark_done(candidates_path, key, reports=[r.__dict__ for r in reports])
-    console.print(f"[green]✓[/] ingest: {pq.read_metadata(candidates_path).num_rows:,} candidates")
-    if until == "ingest":
-        return candidates_path
 
-    # 2. download (one img2dataset run per source)
-    candidates = pq.read_table(candidates_path)
-    with contextlib.ExitStack() as stack, _progress(console) as progress:
-        url_rewrite = None
-        for source in recipe.sources:
-            rows = candidates.filter(pc.and_(pc.equal(candidates["source"], source.name), pc.is_null(candidates["drop_reason"])))
-            rows = rows.select(["uid", "url", "path", "caption"])
-            task = progress.add_task(f"download {source.name}", total=None)
-            if demo_dir is not None and url_rewrite is None and rows.num_rows:
-                from plantmix.demo import DEMO_BASE_URL
-                from plantmix.demo.server import serve_world
-
-                url_rewrite = {DEMO_BASE_URL: stack.enter_context(serve_world(demo_dir))}
-            summary = download_source(
-                rows, build_dir / "download" / source.name, recipe.download, url_rewrite,
-                progress=lambda done, total, t=task: progress.update(t, completed=done, total=total),
-            )
-            if summary.get("skipped"):
-                progress.update(task, completed=1, total=1, description=f"download {source.name} (done)")
-    if until == "download":
-        return build_dir / "download"
-
-    # 3. manifest: pHashes, then the join
-    with _progress(console) as progress:
-        task = progress.add_task("perceptual hashes (shards)", total=None)
-        hash_shards(build_dir / "download", build_dir / "hashes", workers=recipe.download.processes_count,
-                    progress=lambda done, total: progress.update(task, completed=done, total=total))
-    joined_path = build_dir / "stages" / "joined.parquet"
-    markers = sorted((build_dir / "download").glob("*.done.json")) + sorted((build_dir / "hashes").glob("*/*.done.json"))
-    key = fingerprint({"stage": "join", "v": 1}, [candidates_path, *markers])
-    if not is_done(joined_path, key):
-        with console.status("joining downloads onto candidates"):
-            write_parquet(join_manifest(candidates_path, build_dir), joined_path)
-        mark_done(joined_path, key)
-    console.print("[green]✓[/] manifest joined")
-    if until == "manifest":
-        return joined_path
-
-    # 4. dedup
-    dedup_path = build_dir / "stages" / "dedup.parquet"
-    priority = {s.name: s.priority for s in recipe.sources}
-    key = fingerprint({"stage": "dedup", "cfg": recipe.dedup.model_dump(), "priority": priority, "v": 1}, [joined_path])
-    if not is_done(dedup_path, key):
-        with console.status("deduplicating (exact sha256, near pHash)"):
-            write_parquet(dedup(pq.read_table(joined_path), recipe.dedup, priority), dedup_path)
-        mark_done(dedup_path, key)
-    console.print("[green]✓[/] dedup")
-    if until == "dedup":
-        return dedup_path
-
-    # 5. filters → manifest.parquet
-    manifest_path = build_dir / "manifest.parquet"
-    key = fingerprint({"stage": "filter", "cfg": recipe.filters.model_dump(), "v": 1}, [dedup_path])
-    if not is_done(manifest_path, key):
-        write_parquet(apply_filters(pq.read_table(dedup_path), recipe.filters), manifest_path)
-        mark_done(manifest_path, key)
-    manifest = pq.read_table(manifest_path)
-    console.print(funnel_table(funnel(manifest), title=f"Funnel — {recipe.name}"))
-    if until == "filter" or not recipe.mix:
-        return manifest_path
-
-    # 6. mixes
-    from plantmix.mix.run import run_mix
-
-    for spec in recipe.mix:
-        out = run_mix(build_dir, spec, recipe_hash=recipe.hash(), workers=recipe.download.processes_count)
-        console.print(f"[green]✓[/] mix → {out}")
-    return manifest_path
+def _say(console: Console, r: StageResult) -> None:
+    state = f"ran in {r.seconds:,.1f} s" if r.ran else "skipped (up to date)"
+    console.print(f"[green]✓[/] {r.name:<9} {state:<22} {r.summary}", highlight=False)
 
 
 def read_lock(build_dir: Path) -> dict:
@@ -189,3 +150,9 @@ def read_lock(build_dir: Path) -> dict:
         raise PlantmixError(f"{build_dir}: not a build directory (no recipe.lock.yaml)")
     return yaml.safe_load(path.read_text())
 
+
+def fetchable_rows(candidates_path: Path, source: str):
+    """The rows of `source` that go to the downloader: not dropped at ingest."""
+    candidates = pq.read_table(candidates_path, columns=["uid", "url", "path", "caption", "source", "drop_reason"])
+    rows = candidates.filter(pc.and_(pc.equal(candidates["source"], source), pc.is_null(candidates["drop_reason"])))
+    return rows.select(["uid", "url", "path", "caption"])

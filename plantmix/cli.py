@@ -29,7 +29,9 @@ def build(
     distributor: Optional[str] = typer.Option(
         None, "--distributor", help="img2dataset distributor: multiprocessing or pyspark (overrides the recipe)."
     ),
-    until: Optional[str] = typer.Option(None, "--until", help="Stop after this stage (ingest, download, manifest, dedup, filter, mix)."),
+    until: Optional[str] = typer.Option(
+        None, "--until", help="Stop after this stage: ingest, download, hashes, join, filter, dedup, decide, report, mix."
+    ),
 ) -> None:
     """Run a recipe end to end. Finished stages are skipped; an interrupted build resumes."""
     from plantmix.core.recipe import load_recipe

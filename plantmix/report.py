@@ -26,12 +26,14 @@ def make_console(stderr: bool = False) -> Console:
 def funnel(manifest: pa.Table) -> pa.Table:
     """Long-form funnel: (source, domain, stage, reason, rows).
 
-    stage is one of `in`, `ingest`, `download`, `curation`, `kept`. Download failures are split by
-    img2dataset status; rows collapsed at ingest (same uid within a source) count under ingest. For every
-    source, rows `in` = the sum of all other stages — the accounting identity tests check.
+    stage is one of `in`, `ingest`, `download`, `curation`, `kept`, and `flag`. Download failures are
+    split by img2dataset status; rows collapsed at ingest (same uid within a source) count under ingest.
+    For every source, rows `in` = the sum of the stages other than `in` and `flag` — the accounting
+    identity tests check. `flag` counts rows in label-conflict groups (kept or not): not a drop.
     """
     con = duckdb.connect()
     con.register("m", manifest)
+    conflict = "label_conflict" if "label_conflict" in manifest.column_names else "false"
     return con.sql(
         f"""
         SELECT source, domain, 'in' AS stage, 'rows read' AS reason, sum(input_rows) AS rows FROM m GROUP BY 1, 2
@@ -48,8 +50,10 @@ def funnel(manifest: pa.Table) -> pa.Table:
           WHERE NOT keep AND status <> 'not_attempted' AND drop_reason <> '{DROP_DOWNLOAD_FAILED}' GROUP BY 1, 2, 4
         UNION ALL
         SELECT source, domain, 'kept', 'kept', count(*) FILTER (WHERE keep) FROM m GROUP BY 1, 2
+        UNION ALL
+        SELECT source, domain, 'flag', 'label_conflict', count(*) FROM m WHERE {conflict} GROUP BY 1, 2
         ORDER BY source, CASE stage WHEN 'in' THEN 0 WHEN 'ingest' THEN 1 WHEN 'download' THEN 2
-                 WHEN 'curation' THEN 3 ELSE 4 END, rows DESC, reason
+                 WHEN 'curation' THEN 3 WHEN 'kept' THEN 4 ELSE 5 END, rows DESC, reason
         """
     ).to_arrow_table()
 
@@ -78,7 +82,7 @@ def funnel_table(f: pa.Table, title: str = "Funnel") -> Table:
 
 
 def _stage_rank(r: dict) -> tuple:
-    return ({"in": 0, "ingest": 1, "download": 2, "curation": 3, "kept": 4}[r["stage"]], -int(r["rows"]), r["reason"])
+    return ({"in": 0, "ingest": 1, "download": 2, "curation": 3, "kept": 4, "flag": 5}[r["stage"]], -int(r["rows"]), r["reason"])
 
 
 def write_plots(manifest: pa.Table, out_dir: Path) -> list[Path]:
@@ -140,17 +144,66 @@ def load_manifest(build_dir: Path) -> pa.Table:
     return pq.read_table(path)
 
 
-def write_stats(build_dir: Path, console: Console | None = None) -> pa.Table:
-    """Print the funnel of a build, write reports/funnel.csv and the PNG plots; return the funnel."""
-    console = console or make_console()
-    manifest = load_manifest(build_dir)
-    f = funnel(manifest)
-    console.print(funnel_table(f, title=f"Funnel — {build_dir}"))
-    reports = Path(build_dir) / "reports"
-    reports.mkdir(parents=True, exist_ok=True)
+LABEL_CONFLICT_COLUMNS = ["group", "uid", "keep", "source", "priority", "taxon_species", "caption", "drop_reason", "dup_distance", "url", "path"]
+
+
+def label_conflicts(manifest: pa.Table, source_priority: dict[str, int] | None = None) -> pa.Table:
+    """One row per member of each label-conflict group (`group` = the kept row's uid), kept row first,
+    with `resolved_by`: `source priority` when the kept row's source outranks every member naming
+    another species, else `image quality (equal priority): check the labels`."""
+    if "label_conflict" not in manifest.column_names:
+        return pa.table({c: pa.array([], pa.string()) for c in LABEL_CONFLICT_COLUMNS + ["resolved_by"]})
+    con = duckdb.connect()
+    con.register("m", manifest)
+    prio = pa.table({"source": list((source_priority or {}).keys()), "priority": list((source_priority or {}).values())})
+    con.register("prio", prio)
+    return con.sql(
+        """
+        WITH g AS (SELECT coalesce(dup_of, uid) AS "group", m.*, p.priority FROM m LEFT JOIN prio p USING (source)
+                   WHERE label_conflict),
+             head AS (SELECT "group", priority AS kept_priority, taxon_species AS kept_species FROM g WHERE keep),
+             verdict AS (SELECT g."group", bool_and(g.priority < h.kept_priority) FILTER (
+                           WHERE g.taxon_species IS DISTINCT FROM h.kept_species AND g.taxon_species IS NOT NULL) AS by_priority
+                         FROM g JOIN head h USING ("group") GROUP BY 1)
+        SELECT g."group", g.uid, g.keep, g.source, g.priority, g.taxon_species, g.caption, g.drop_reason,
+               g.dup_distance, g.url, g.path,
+               CASE WHEN v.by_priority THEN 'source priority' ELSE 'image quality (equal priority): check the labels' END
+                 AS resolved_by
+        FROM g JOIN verdict v USING ("group")
+        ORDER BY g."group", g.keep DESC, g.dup_distance NULLS FIRST, g.uid
+        """
+    ).to_arrow_table()
+
+
+def write_reports(build_dir: Path, source_priority: dict[str, int] | None = None) -> pa.Table:
+    """reports/funnel.csv, reports/label_conflicts.csv and the PNG plots of a build; returns the funnel."""
     import pyarrow.csv as pacsv
 
+    manifest = load_manifest(build_dir)
+    reports = Path(build_dir) / "reports"
+    reports.mkdir(parents=True, exist_ok=True)
+    f = funnel(manifest)
     pacsv.write_csv(f, reports / "funnel.csv")
-    for p in write_plots(manifest, reports):
-        console.print(f"wrote {p}")
+    pacsv.write_csv(label_conflicts(manifest, source_priority), reports / "label_conflicts.csv")
+    write_plots(manifest, reports)
     return f
+
+
+def write_stats(build_dir: Path, console: Console | None = None) -> pa.Table:
+    """Print the funnel of a build and (re)write its reports/ (funnel, label conflicts, PNG plots)."""
+    console = console or make_console()
+    priority = _priorities(build_dir)
+    f = write_reports(build_dir, priority)
+    console.print(funnel_table(f, title=f"Funnel — {build_dir}"))
+    console.print(f"wrote {Path(build_dir) / 'reports'}/: funnel.csv, label_conflicts.csv, PNG plots")
+    return f
+
+
+def _priorities(build_dir: Path) -> dict[str, int]:
+    import yaml
+
+    lock = Path(build_dir) / "recipe.lock.yaml"
+    if not lock.exists():
+        return {}
+    recipe = yaml.safe_load(lock.read_text()).get("recipe", {})
+    return {s["name"]: s.get("priority", 1) for s in recipe.get("sources", [])}

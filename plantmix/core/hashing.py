@@ -10,7 +10,7 @@ import io
 
 import imagehash
 import numpy as np
-from PIL import Image
+from PIL import Image, ImageOps
 
 from plantmix.core.errors import PlantmixError
 
@@ -27,13 +27,23 @@ def phash64(image: Image.Image) -> int:
 
 def phash_bytes(data: bytes) -> int:
     """Decode encoded image bytes (jpg/png/webp/...) and return their `phash64`."""
+    return phash_pair_bytes(data)[0]
+
+
+def phash_pair_bytes(data: bytes) -> tuple[int, int]:
+    """(`phash64` of the image, `phash64` of its mirror image) from one decode.
+
+    pHash starts by shrinking to 32×32 grey; PIL's resize to the size an image already has is a copy,
+    so hashing that thumbnail gives exactly `phash64(image)`, and its mirror costs one more small DCT.
+    """
     try:
         with Image.open(io.BytesIO(data)) as image:
             image.load()
-            return phash64(image)
+            small = image.convert("L").resize((32, 32), Image.Resampling.LANCZOS)
     except (OSError, ValueError, SyntaxError, Image.DecompressionBombError) as e:
         # PIL signals unreadable or truncated data with OSError (UnidentifiedImageError is one) or ValueError.
         raise PlantmixError(f"cannot decode image bytes ({len(data)} bytes): {e}") from None
+    return phash64(small), phash64(ImageOps.mirror(small))
 
 
 def popcount64(x: np.ndarray) -> np.ndarray:

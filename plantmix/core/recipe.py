@@ -100,6 +100,8 @@ class DedupConfig(_Strict):
     # Chosen on the demo world's planted near-duplicates (re-encoded, resized, 1-3 % cropped): radius 8
     # finds all of them while distinct images there stay >= 13 bits apart. At web scale, 4-6 is faster.
     phash_radius: int = Field(8, ge=0, le=16)
+    # Also compare each image with the mirror image of the others, so flipped copies are near twins.
+    mirror: bool = True
 
 
 class FilterConfig(_Strict):

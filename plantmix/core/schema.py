@@ -34,6 +34,9 @@ MANIFEST_EXTRA_FIELDS: list[pa.Field] = [
     pa.field("error_message", pa.string()),
     pa.field("sha256", pa.string()),
     pa.field("phash", pa.uint64()),
+    pa.field("phash_mirror", pa.uint64()),  # pHash of the mirror image: flipped copies are near twins
+    pa.field("stored_bytes", pa.int64()),  # size of the stored (downloaded, resized) image file
+    pa.field("original_bytes", pa.int64()),  # size of the file as downloaded, before img2dataset's resize
     pa.field("width", pa.int64()),
     pa.field("height", pa.int64()),
     pa.field("original_width", pa.int64()),
@@ -46,9 +49,58 @@ MANIFEST_EXTRA_FIELDS: list[pa.Field] = [
     pa.field("keep", pa.bool_(), nullable=False),
 ]
 
-# drop_reason values. A row has at most one; the first stage that drops it names it.
+STATUS_NOT_ATTEMPTED = "not_attempted"  # dropped at ingest, never sent to the downloader
+STATUS_MISSING = "missing_from_download"  # sent, but absent from the downloader's output
+STATUS_UNDECODABLE = "failed_to_decode"  # stored by the downloader, but its bytes do not decode
+
+# Columns the decision step adds (DESIGN §3-4).
+DECISION_FIELDS: list[pa.Field] = [
+    pa.field("captions", pa.list_(pa.string())),  # the kept row's valid captions and its group's, own first
+    pa.field("dup_distance", pa.int8()),  # Hamming distance of the pHashes to dup_of (0 for exact twins)
+    pa.field("label_conflict", pa.bool_()),  # member of a duplicate group whose rows name different species
+]
+
+# drop_reason values, each with the stage that proposes it. A row has at most one: the decision step
+# applies row-level reasons first (ingest, download, filters), then duplicate groups (DESIGN §3).
+# ingest
 DROP_UNSUPPORTED_SCHEME = "unsupported_url_scheme"
 DROP_MISSING_URL = "missing_url"
+DROP_MISSING_IMAGE = "missing_image"  # a local source file that does not exist
+# download / join
 DROP_DOWNLOAD_FAILED = "download_failed"  # detail in status / error_message
-DROP_DUPLICATE_EXACT = "duplicate_exact"
-DROP_DUPLICATE_NEAR = "duplicate_near"
+# filters: image
+DROP_TOO_SMALL = "image_too_small"
+DROP_ASPECT = "aspect_ratio"
+# filters: caption (every caption reason starts with "caption_")
+DROP_CAPTION_EMPTY = "caption_empty"
+DROP_CAPTION_SHORT = "caption_too_short"
+DROP_CAPTION_LONG = "caption_too_long"
+DROP_CAPTION_GARBAGE = "caption_garbage"
+DROP_CAPTION_SCRIPT = "caption_script"
+# dedup
+DROP_DUPLICATE_EXACT = "duplicate_exact"  # same sha256 as its dup_of
+DROP_DUPLICATE_NEAR = "duplicate_near"  # pHash (or its mirror's) within the radius of its dup_of's
+
+ROW_LEVEL_REASONS = (
+    DROP_UNSUPPORTED_SCHEME, DROP_MISSING_URL, DROP_MISSING_IMAGE, DROP_DOWNLOAD_FAILED, DROP_TOO_SMALL,
+    DROP_ASPECT, DROP_CAPTION_EMPTY, DROP_CAPTION_SHORT, DROP_CAPTION_LONG, DROP_CAPTION_GARBAGE,
+    DROP_CAPTION_SCRIPT,
+)  # fmt: skip
+DUPLICATE_REASONS = (DROP_DUPLICATE_EXACT, DROP_DUPLICATE_NEAR)
+
+
+def pandas_readable(table: pa.Table) -> pa.Table:
+    """Attach pandas metadata that maps every integer column to pandas' nullable integer dtype.
+
+    Without it `pandas.read_parquet` turns a nullable uint64 column with nulls (pHash) into float64,
+    which silently changes every hash; with it pandas reads `UInt64` (etc.), exact. Arrow, DuckDB and
+    polars ignore the metadata.
+    """
+    empty = table.slice(0, 0).to_pandas()
+    for f in table.schema:
+        if pa.types.is_integer(f.type):
+            prefix = "UInt" if pa.types.is_unsigned_integer(f.type) else "Int"
+            empty[f.name] = empty[f.name].astype(f"{prefix}{f.type.bit_width}")
+    metadata = dict(table.schema.metadata or {})
+    metadata.update(pa.Schema.from_pandas(empty, preserve_index=False).metadata)
+    return table.replace_schema_metadata(metadata)

@@ -1,22 +1,15 @@
-"""Exact (sha256) and near (pHash within Hamming radius r) deduplication of the manifest (DESIGN §3–4).
+"""Duplicate proposals (DESIGN §3): which images are exact or near copies of which, not who is kept.
 
-Only rows with keep = true and the stage's hash (sha256, resp. phash) take part; all other rows pass
-through untouched. Rows come out in input order; none is removed.
+Exact duplicates are rows with equal sha256 (grouped by `sha_groups`). Near duplicates are pairs of
+distinct pHash values within Hamming radius r, where an image is also compared in its mirror image
+(`phash_mirror`), so a flipped copy is found like a re-encoded one: the proposal stage writes them
+as `(phash_a, phash_b, distance)`, distance the smallest over orientations. The decision step
+(`plantmix.curate.decide`) turns groups and pairs into keep / dup_of with the keep rule below.
 
-Keep rule, inside any set of duplicates: higher source priority, then larger area (width × height, a
-missing size counts as 0), then smaller uid (then earlier input position, should uids repeat).
-
-Exact: rows with equal sha256 form a group; all but the best are dropped as `duplicate_exact`.
-
-Near: greedy in keep-rule order. Visit rows best first; a row is kept unless a row already kept lies
-within Hamming distance r of its pHash; then it is dropped as `duplicate_near` with `dup_of` = the best
-such kept row. Consequences:
-  * every dropped row is within r of the row it names: no transitive chaining (with a~b, b~c, a≁c and
-    a best, b points to a and c stays kept), so precision does not decay along chains;
-  * kept rows are pairwise more than r apart, so re-running dedup on its output changes nothing;
-  * the result does not depend on row order.
-`dup_of` always names a kept row: when near dedup drops a row that exact dedup had kept, its exact
-twins are re-pointed to the row it now duplicates (their drop_reason stays `duplicate_exact`).
+Keep rule, inside any set of duplicates: higher source priority, then more original pixels (the size
+img2dataset saw before resizing), then more bytes per original pixel of the downloaded file (a
+heavier re-encode, or an edited copy saved again, is lighter than the file it came from), then
+smaller uid (then earlier input position, should uids repeat).
 
 Scale: numpy over integer arrays. Strings are touched only to hash sha256 (DuckDB) and to order the
 rows that do have duplicates (Arrow sort). Near candidates come from multi-index hashing (`near_pairs`).
@@ -34,67 +27,37 @@ import pyarrow.compute as pc
 
 from plantmix.core.errors import PlantmixError
 from plantmix.core.hashing import popcount64
-from plantmix.core.recipe import DedupConfig
-from plantmix.core.schema import DROP_DUPLICATE_EXACT, DROP_DUPLICATE_NEAR
 
-REQUIRED_COLUMNS = ("uid", "source", "sha256", "phash", "width", "height", "keep", "drop_reason", "dup_of")
 _PAIR_CHUNK = 1 << 22  # candidate pairs verified at once: bounds temporaries on dense duplicate clusters
+PAIR_SCHEMA = pa.schema([pa.field("phash_a", pa.uint64()), pa.field("phash_b", pa.uint64()), pa.field("distance", pa.uint8())])
+MAX_RADIUS = 32
 
 
-# ---- public API -------------------------------------------------------------------------------------
+# ---- proposals ----------------------------------------------------------------------------------------
 
 
-def dedup(table: pa.Table, config: DedupConfig, source_priority: dict[str, int]) -> pa.Table:
-    """Exact then near deduplication, as configured. Same rows, same order; decisions in keep/drop_reason/dup_of."""
-    out = table
-    if config.exact:
-        out = dedup_exact(out, source_priority)
-    if config.near:
-        out = dedup_near(out, source_priority, config.phash_radius)
-    assert out.num_rows == table.num_rows
-    return out
+def near_pair_proposals(phash: np.ndarray, phash_mirror: np.ndarray | None, radius: int) -> pa.Table:
+    """Pairs (a < b) of distinct pHash values within `radius`, a value's mirror hash counting too.
 
-
-def dedup_exact(table: pa.Table, source_priority: dict[str, int]) -> pa.Table:
-    """Drop all but the best row of every group of kept rows with equal sha256 (`duplicate_exact`)."""
-    _check_columns(table)
-    rows = np.nonzero(_keep(table) & _valid(table.column("sha256")))[0]
-    rule = _KeepRule(table, source_priority, rows)
-    winner = _group_winners(_sha_groups(table.column("sha256"), rows), rows, rule)
-    lose = winner != np.arange(len(rows))
-    return _mark(table, rows[lose], rows[winner[lose]], DROP_DUPLICATE_EXACT)
-
-
-def dedup_near(table: pa.Table, source_priority: dict[str, int], radius: int) -> pa.Table:
-    """Greedy near dedup of kept rows on pHash within Hamming `radius` (`duplicate_near`); see module doc."""
-    _check_columns(table)
-    if not pa.types.is_uint64(table.column("phash").type):
-        raise PlantmixError(f"dedup: column 'phash' must be uint64, got {table.column('phash').type}")
-    if not 0 <= radius <= 32:
-        raise PlantmixError(f"dedup: phash radius must be within 0..32, got {radius}")
-    phash = table.column("phash")
-    rows = np.nonzero(_keep(table) & _valid(phash))[0]
-    rule = _KeepRule(table, source_priority, rows)
-    values = pc.fill_null(phash, 0).to_numpy()[rows]
-    # Rows with identical pHash collapse onto one node first: the greedy outcome is the same (they share
-    # all neighbours), and a large cluster of identical hashes then costs no pairs.
-    uniq, node = _distinct(values)
-    rep = np.empty(len(uniq), np.int64)  # best row (position in rows) of each node
-    rep[node] = _group_winners(node, rows, rule)
-    target = np.arange(len(uniq))  # node whose representative each node's rows end up with
-    a, b = near_pairs(uniq, radius)
-    if len(a):
-        touched = np.unique(np.concatenate([a, b]))
-        touched = touched[rule.order(rows[rep[touched]])]  # best first: rank = position
-        rank = np.full(len(uniq), -1, np.int64)
-        rank[touched] = np.arange(len(touched))
-        ra, rb = rank[a], rank[b]
-        parent = greedy_keep(len(touched), np.minimum(ra, rb), np.maximum(ra, rb))
-        dropped = parent >= 0
-        target[touched[dropped]] = touched[parent[dropped]]
-    final = rep[target[node]]
-    lose = final != np.arange(len(rows))
-    return _mark(table, rows[lose], rows[final[lose]], DROP_DUPLICATE_NEAR)
+    `phash` holds the hashes of usable images (repeats allowed); `phash_mirror` their mirror hashes,
+    aligned, or None for no mirror matching. With mirrors, the search runs over the hashes and the
+    mirror hashes together, and each hit is mapped back to the pair of images' own hashes.
+    """
+    if not 0 <= radius <= MAX_RADIUS:
+        raise PlantmixError(f"dedup: phash radius must be within 0..{MAX_RADIUS}, got {radius}")
+    values, first = np.unique(np.asarray(phash, np.uint64), return_index=True)
+    u = len(values)
+    search = values if phash_mirror is None else np.concatenate([values, np.asarray(phash_mirror, np.uint64)[first]])
+    a, b = near_pairs(search, radius)
+    dist = popcount64(search[a] ^ search[b])
+    a, b = a % u, b % u
+    keep = a != b  # an image near its own mirror is symmetric, not a duplicate
+    lo, hi, dist = np.minimum(a, b)[keep], np.maximum(a, b)[keep], dist[keep]
+    order = np.lexsort((dist, hi, lo))  # per pair, the smallest distance first
+    lo, hi, dist = lo[order], hi[order], dist[order]
+    first_of_pair = np.r_[True, (lo[1:] != lo[:-1]) | (hi[1:] != hi[:-1])] if len(lo) else np.zeros(0, bool)
+    lo, hi, dist = lo[first_of_pair], hi[first_of_pair], dist[first_of_pair]
+    return pa.table([pa.array(values[lo]), pa.array(values[hi]), pa.array(dist.astype(np.uint8))], schema=PAIR_SCHEMA)
 
 
 def near_pairs(hashes: np.ndarray, radius: int) -> tuple[np.ndarray, np.ndarray]:
@@ -196,8 +159,8 @@ def greedy_keep(n: int, better: np.ndarray, worse: np.ndarray, max_rounds: int =
 # ---- keep rule and grouping -------------------------------------------------------------------------
 
 
-class _KeepRule:
-    """Orders rows best first: priority desc, area desc, uid asc, input position asc."""
+class KeepRule:
+    """Orders rows best first by the keep rule (module doc); `rows` are the rows that may be ranked."""
 
     def __init__(self, table: pa.Table, source_priority: dict[str, int], rows: np.ndarray):
         self.table = table
@@ -219,14 +182,30 @@ class _KeepRule:
         t = self.table
         take = pa.array(rows)
         priority = pc.take(self.values, pc.index_in(t.column("source").take(take), value_set=self.names))
-        width = pc.fill_null(t.column("width").take(take), 0).to_numpy().astype(np.int64)
-        height = pc.fill_null(t.column("height").take(take), 0).to_numpy().astype(np.int64)
-        sub = pa.table({"p": priority, "a": width * height, "u": t.column("uid").take(take), "i": take})
-        keys = [("p", "descending"), ("a", "descending"), ("u", "ascending"), ("i", "ascending")]
+        stored = _area(t, take, "width", "height")
+        original = _area(t, take, "original_width", "original_height")
+        known = original > 0
+        original = np.where(known, original, stored)
+        # bytes per original pixel; builds downloaded before img2dataset's size was recorded fall back
+        # to the stored image's bytes per stored pixel
+        raw = pc.fill_null(t.column("original_bytes").take(take), 0).to_numpy().astype(np.float64)
+        stored_bytes = pc.fill_null(t.column("stored_bytes").take(take), 0).to_numpy().astype(np.float64)
+        use_raw = (raw > 0) & known
+        nbytes = np.where(use_raw, raw, stored_bytes)
+        pixels = np.where(use_raw, original, stored)
+        per_pixel = np.divide(nbytes, pixels, out=np.zeros(len(rows)), where=pixels > 0)
+        sub = pa.table({"p": priority, "a": original, "b": per_pixel, "u": t.column("uid").take(take), "i": take})
+        keys = [("p", "descending"), ("a", "descending"), ("b", "descending"), ("u", "ascending"), ("i", "ascending")]
         return pc.sort_indices(sub, sort_keys=keys).to_numpy()
 
 
-def _group_winners(group: np.ndarray, rows: np.ndarray, rule: _KeepRule) -> np.ndarray:
+def _area(t: pa.Table, take: pa.Array, w: str, h: str) -> np.ndarray:
+    width = pc.fill_null(t.column(w).take(take), 0).to_numpy().astype(np.int64)
+    height = pc.fill_null(t.column(h).take(take), 0).to_numpy().astype(np.int64)
+    return width * height
+
+
+def group_winners(group: np.ndarray, rows: np.ndarray, rule: KeepRule) -> np.ndarray:
     """For each position p in `rows` (group ids in `group`), the position of its group's best row."""
     n = len(rows)
     winner = np.arange(n)
@@ -281,7 +260,7 @@ def _hash_strings(values: pa.ChunkedArray) -> np.ndarray:
         con.close()
 
 
-def _sha_groups(sha: pa.ChunkedArray, rows: np.ndarray) -> np.ndarray:
+def sha_groups(sha: pa.ChunkedArray, rows: np.ndarray) -> np.ndarray:
     """Group id per row of `rows`, equal iff sha256 strings are equal (hash, then verify)."""
     h = _hash_strings(sha)[rows]
     order = np.argsort(h)
@@ -342,53 +321,3 @@ def _equal_runs_pairs(keys: np.ndarray, payload: np.ndarray):
 
 def _concat(parts: list[np.ndarray]) -> np.ndarray:
     return np.concatenate(parts).astype(np.int64) if parts else np.empty(0, np.int64)
-
-
-# ---- table plumbing ---------------------------------------------------------------------------------
-
-
-def _check_columns(table: pa.Table) -> None:
-    missing = [c for c in REQUIRED_COLUMNS if c not in table.column_names]
-    if missing:
-        raise PlantmixError(f"dedup: manifest lacks column(s) {missing}")
-    keep = table.column("keep")
-    if not pa.types.is_boolean(keep.type):
-        raise PlantmixError(f"dedup: column 'keep' must be bool, got {keep.type}")
-    if keep.null_count:
-        raise PlantmixError(f"dedup: column 'keep' has {keep.null_count} null value(s)")
-
-
-def _keep(table: pa.Table) -> np.ndarray:
-    return table.column("keep").to_numpy()
-
-
-def _valid(column: pa.ChunkedArray) -> np.ndarray:
-    return pc.is_valid(column).to_numpy()
-
-
-def _mark(table: pa.Table, losers: np.ndarray, winners: np.ndarray, reason: str) -> pa.Table:
-    """Set keep=false, drop_reason, dup_of on `losers`; re-point older dup_of links that named a loser."""
-    if not len(losers):
-        return table
-    order = np.argsort(losers)  # replace_with_mask fills masked slots in row order
-    losers, winners = losers[order], winners[order]
-    uid = table.column("uid")
-    winner_uid = uid.take(pa.array(winners))
-    mask = np.zeros(table.num_rows, bool)
-    mask[losers] = True
-    keep = _keep(table).copy()
-    keep[losers] = False
-    reason_col = table.column("drop_reason")
-    reasons = pc.replace_with_mask(reason_col, pa.array(mask), pa.repeat(pa.scalar(reason, reason_col.type), len(losers)))
-    dup_col = table.column("dup_of")
-    # rows that pointed at a row dropped now (exact twins of a near loser) follow it to its kept row
-    hit = pc.index_in(dup_col, value_set=uid.take(pa.array(losers)).combine_chunks())
-    follow = _valid(hit)
-    if follow.any():
-        targets = winner_uid.take(pc.drop_null(hit)).cast(dup_col.type)
-        dup_col = pc.replace_with_mask(dup_col, pa.array(follow), targets.combine_chunks())
-    dup_col = pc.replace_with_mask(dup_col, pa.array(mask), winner_uid.cast(dup_col.type).combine_chunks())
-    for name, values in (("keep", pa.array(keep)), ("drop_reason", reasons), ("dup_of", dup_col)):
-        i = table.schema.get_field_index(name)
-        table = table.set_column(i, table.schema.field(i), values)
-    return table

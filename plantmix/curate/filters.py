@@ -9,14 +9,10 @@ import pyarrow as pa
 import pyarrow.compute as pc
 
 from plantmix.core.recipe import FilterConfig
-
-DROP_TOO_SMALL = "image_too_small"
-DROP_ASPECT = "aspect_ratio"
-DROP_CAPTION_EMPTY = "caption_empty"
-DROP_CAPTION_SHORT = "caption_too_short"
-DROP_CAPTION_LONG = "caption_too_long"
-DROP_CAPTION_GARBAGE = "caption_garbage"
-DROP_CAPTION_SCRIPT = "caption_script"
+from plantmix.core.schema import (
+    DROP_ASPECT, DROP_CAPTION_EMPTY, DROP_CAPTION_GARBAGE, DROP_CAPTION_LONG, DROP_CAPTION_SCRIPT, DROP_CAPTION_SHORT,
+    DROP_TOO_SMALL,
+)  # fmt: skip
 
 # Camera and file names that crawls often carry instead of a caption.
 _FILENAME_LIKE = re.compile(
@@ -82,3 +78,22 @@ def apply_filters(table: pa.Table, cfg: FilterConfig) -> pa.Table:
             reasons[i] = reason
     table = table.set_column(table.schema.get_field_index("keep"), "keep", pa.array(keep, pa.bool_()))
     return table.set_column(table.schema.get_field_index("drop_reason"), "drop_reason", pa.array(reasons, pa.string()))
+
+
+FILTER_PROPOSAL_SCHEMA = pa.schema(
+    [pa.field("uid", pa.string()), pa.field("image_reason", pa.string()), pa.field("caption_reason", pa.string())]
+)
+
+
+def filter_proposals(table: pa.Table, cfg: FilterConfig) -> pa.Table:
+    """Row-level proposals (DESIGN §3): why each row with a usable image fails the image rules and,
+    separately, the caption rules (null = passes). The decision step applies them; keeping the two
+    apart lets it tell a member's valid caption from its bad image when it gathers group captions.
+    Sizes are the originals' (img2dataset records them before resizing)."""
+    usable = table["keep"].to_pylist()
+    widths = pc.coalesce(table["original_width"], table["width"]).to_pylist()
+    heights = pc.coalesce(table["original_height"], table["height"]).to_pylist()
+    captions = table["caption"].to_pylist()
+    image = [image_reason(w, h, cfg) if u else None for u, w, h in zip(usable, widths, heights)]
+    caption = [caption_reason(c, cfg) if u else None for u, c in zip(usable, captions)]
+    return pa.table([table["uid"], pa.array(image, pa.string()), pa.array(caption, pa.string())], schema=FILTER_PROPOSAL_SCHEMA)

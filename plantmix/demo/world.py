@@ -31,7 +31,7 @@ from pathlib import Path
 import imagehash
 import numpy as np
 import pyarrow as pa
-from PIL import Image
+from PIL import Image, ImageOps
 
 from plantmix.demo.draw import (
     LEAF_SHAPES, MARGINS, TEXTURES, VENATIONS, PlantTraits, draw_plant, draw_scene, hex_rgb,
@@ -42,7 +42,7 @@ from plantmix.core.schema import TAXON_COLUMNS, TAXON_RANKS
 from plantmix.core.stage import atomic_path, write_parquet
 
 DEMO_BASE_URL = "http://plantmix-demo.invalid"
-WORLD_VERSION = 1
+WORLD_VERSION = 2  # 2: curation cases (mirrored copies, a bad-caption group, a label conflict)
 SPECIES_TABLE = "demo_species.csv"
 LISTS = ("plant", "general")
 
@@ -53,9 +53,18 @@ IN_PLACE_FAULTS = (
 )
 # Faults that add a row copying a clean row's image (or the whole row, for repeated_row).
 EXTRA_ROW_FAULTS = ("exact_dup", "near_dup_reencode", "near_dup_resize", "near_dup_crop", "repeated_row")
-FAULTS = ("ok", *IN_PLACE_FAULTS, *EXTRA_ROW_FAULTS)
 DUP_FAULTS = ("exact_dup", "near_dup_reencode", "near_dup_resize", "near_dup_crop")
 CAPTION_FAULTS = ("mismatched_caption", "empty_caption", "non_english_caption", "garbage_caption")
+# Curation cases (DESIGN §7), planted after the crawl faults on items no fault used:
+#   near_dup_mirror          a mirrored copy of a clean row
+#   group_empty_caption      the best image of a duplicate group, with an empty caption (in place) ...
+#   group_garbage_caption    ... its exact copy with a garbage caption ...
+#   group_good_copy          ... and a smaller copy with a good caption: the one the decision must keep
+#   conflict_other_species   a copy listed under another species (plant list): a label conflict
+CURATION_FAULTS = ("near_dup_mirror", "group_empty_caption", "group_garbage_caption", "group_good_copy",
+                   "conflict_other_species")
+FAULTS = ("ok", *IN_PLACE_FAULTS, *EXTRA_ROW_FAULTS, *CURATION_FAULTS)
+FRESH_CAPTION_FAULTS = (*DUP_FAULTS, "near_dup_mirror", "group_good_copy")  # copies reposted with a new caption
 _FAULT_CAP = {"timeout": 3, "huge": 2}  # per list: each costs a download thread or ~100 MB of decode
 
 # img2dataset settings under which EXPECTED_DOWNLOAD_OUTCOME was measured (img2dataset 1.47, OpenCV 4.11,
@@ -92,6 +101,7 @@ EXPECTED_DOWNLOAD_OUTCOME: dict[str, tuple[str, str | None]] = {
     "noai": ("failed_to_download", r"Use of image disallowed by X-Robots-Tag directive"),
     "bad_scheme": ("failed_to_download", r"<urlopen error .*>"),
     "repeated_row": ("success", None),
+    **{f: ("success", None) for f in CURATION_FAULTS},
 }
 
 _TRAIT_COLUMNS = ("leaf_shape", "margin", "venation", "leaf_color", "flower_petals", "flower_color", "vein_pairs",
@@ -390,6 +400,8 @@ def _build_rows(items: dict[str, list[_Item]], config: DemoWorldConfig,
             lo = lst.index(origin) + 1 if origin.list == name else 0
             lst.insert(int(rng.integers(lo, len(lst) + 1)), _Row(name, origin.item, fault, origin=origin))
         rows[name] = lst
+    spare = {"plant": plan_plant[2], "general": plan_general[2]}
+    _plant_curation_cases(base, rows, spare, config, np.random.default_rng([config.seed, 5]))
     # Keys in final list order; a repeated row reuses its original's key.
     for name in LISTS:
         n = 0
@@ -398,6 +410,29 @@ def _build_rows(items: dict[str, list[_Item]], config: DemoWorldConfig,
                 r.key = f"{name}-{n:06d}"
                 n += 1
     return rows
+
+
+def _plant_curation_cases(base: dict[str, list[_Row]], rows: dict[str, list[_Row]], spare: dict[str, list[int]],
+                          config: DemoWorldConfig, rng: np.random.Generator) -> None:
+    """Add the curation cases (CURATION_FAULTS) on items no crawl fault used; copies follow originals."""
+    kinds = len(IN_PLACE_FAULTS) + len(EXTRA_ROW_FAULTS)
+    for name in LISTS:
+        pool = spare[name]
+        n = len(base[name])
+        mirrors = 0 if config.fault_rate <= 0 else max(1, round(2 * config.fault_rate / kinds * n))
+        plan = [("mirror", mirrors), ("group", 1 if config.fault_rate > 0 else 0),
+                ("conflict", 1 if name == "plant" and config.fault_rate > 0 else 0)]
+        for case, count in plan:
+            for _ in range(min(count, len(pool))):
+                origin = base[name][pool.pop()]
+                copies = {"mirror": ["near_dup_mirror"], "group": ["group_garbage_caption", "group_good_copy"],
+                          "conflict": ["conflict_other_species"]}[case]
+                if case == "group":
+                    origin.fault = "group_empty_caption"
+                lst = rows[name]
+                for fault in copies:
+                    lo = lst.index(origin) + 1
+                    lst.insert(int(rng.integers(lo, len(lst) + 1)), _Row(name, origin.item, fault, origin=origin))
 
 
 def _fill_row(r: _Row, honest: dict[str, list[str]], selected: list[Species], config: DemoWorldConfig,
@@ -427,7 +462,7 @@ def _set_caption(r: _Row, honest: dict[str, list[str]], selected: list[Species],
     carries truthfully: the material for mismatched ones."""
     it, f = r.item, r.fault
     r.caption, r.taxa = it.caption, it.species if r.list == "plant" else None
-    if f in DUP_FAULTS and it.species is not None:
+    if f in FRESH_CAPTION_FAULTS and it.species is not None:
         # A repost: a fresh caption in the plant list, a vague one when it lands in the general list.
         if r.list == "plant":
             r.caption = plant_caption(it.species, it.view, rng)
@@ -444,11 +479,15 @@ def _set_caption(r: _Row, honest: dict[str, list[str]], selected: list[Species],
     elif f == "mismatched_caption":
         pool = [c for c in honest["general"] if c != it.caption] if rng.random() < 0.5 else []
         r.caption = str(rng.choice(pool or honest["plant"]))
-    elif f == "empty_caption":
+    elif f in ("empty_caption", "group_empty_caption"):
         r.caption = ""
+    elif f == "conflict_other_species":  # the same photo filed under another species
+        others = [s for s in selected if s is not it.species]
+        lie = others[int(rng.integers(0, len(others)))]
+        r.caption, r.taxa = plant_caption(lie, it.view, rng), lie
     elif f == "non_english_caption":
         r.caption = str(rng.choice(_NON_ENGLISH[r.list]))
-    elif f == "garbage_caption":
+    elif f in ("garbage_caption", "group_garbage_caption"):
         r.caption = _garbage_caption(rng)
 
 
@@ -475,7 +514,7 @@ def _serve(r: _Row, config: DemoWorldConfig, rng: np.random.Generator) -> tuple[
     if f == "noai":
         robots = str(rng.choice(["noai", "noai, noimageai", "noimageai"]))
         return image_route(own_type, headers={"X-Robots-Tag": robots}), it.data, own
-    if f == "exact_dup":
+    if f in ("exact_dup", "group_garbage_caption"):
         r.phash_distance = 0
         return image_route(own_type, body_file=r.origin.file), None, r.origin.file.rsplit(".", 1)[1]
     if f == "truncated":
@@ -487,9 +526,10 @@ def _serve(r: _Row, config: DemoWorldConfig, rng: np.random.Generator) -> tuple[
         w, h = (10000, 10000) if rng.random() < 0.5 else (12000, 10000)
         y0 = int(rng.integers(0, h - 2000))
         return image_route("image/png"), _flat_png(w, h, (y0, y0 + int(rng.integers(500, 2000)))), "png"
-    if f in ("tiny", "extreme_aspect", "near_dup_reencode", "near_dup_resize", "near_dup_crop"):
+    if f in ("tiny", "extreme_aspect", "near_dup_reencode", "near_dup_resize", "near_dup_crop", "near_dup_mirror",
+             "group_good_copy", "conflict_other_species"):
         data = _derived_jpeg(f, it, rng)
-        if f.startswith("near_dup"):
+        if r.origin is not None:
             r.phash_distance = int(_phash(data) - _phash(it.data))
         return image_route("image/jpeg"), data, "jpg"
     return image_route(own_type), it.data, own  # the image itself; any fault is in the caption
@@ -508,6 +548,13 @@ def _derived_jpeg(fault: str, it: _Item, rng: np.random.Generator) -> bytes:
         box = (0, at, it.image.width, at + band) if w > h else (at, 0, at + band, it.image.height)
         return _encode(it.image.crop(box).resize((w, h), Image.LANCZOS), "jpeg")
     src = Image.open(io.BytesIO(it.data)).convert("RGB")
+    if fault == "near_dup_mirror":
+        return _encode(ImageOps.mirror(src), "jpeg", int(rng.integers(85, 96)))
+    if fault == "group_good_copy":
+        k = rng.uniform(0.75, 0.9)
+        return _encode(src.resize((round(src.width * k), round(src.height * k)), Image.LANCZOS), "jpeg", 90)
+    if fault == "conflict_other_species":
+        return _encode(src, "jpeg", int(rng.integers(70, 90)))
     if fault == "near_dup_reencode":
         return _encode(src, "jpeg", int(rng.integers(35, 60)))  # originals are PNG or JPEG at quality >= 80
     if fault == "near_dup_resize":

@@ -34,10 +34,10 @@ import pyarrow.parquet as pq
 import webdataset as wds
 
 from plantmix.core.errors import PlantmixError
+from plantmix.core.members import IMAGE_EXTS, split_member
 from plantmix.core.schema import CAPTION_TEMPLATES, TAXON_RANKS
 from plantmix.core.stage import atomic_path, atomic_write_text, fingerprint, is_done, mark_done, write_parquet
 
-IMAGE_EXTS = ("jpg", "jpeg", "png", "webp")
 TAR_MTIME = 0  # fixed so that identical input gives byte-identical shards
 _COALESCE_GAP = 256 << 10  # read through gaps this small instead of seeking
 _MAX_READ = 64 << 20
@@ -67,13 +67,6 @@ def shard_stem(i: int) -> str:
 # ---- where the bytes are ----------------------------------------------------------------------
 
 
-def _sample_key(name: str) -> tuple[str, str]:
-    """Split a tar member name like webdataset does: key = path up to the basename's first dot."""
-    head, _, base = name.rpartition("/")
-    stem, _, ext = base.partition(".")
-    return (f"{head}/{stem}" if head else stem), ext
-
-
 def scan_tar(path: Path) -> dict[str, tuple[int, int, str]]:
     """key -> (data offset, size, extension) of each image member, reading headers only."""
     found: dict[str, tuple[int, int, str]] = {}
@@ -81,7 +74,7 @@ def scan_tar(path: Path) -> dict[str, tuple[int, int, str]]:
         with tarfile.open(path, "r:") as tf:  # random-access mode: seeks over member data
             for m in tf:
                 if m.isfile():
-                    key, ext = _sample_key(m.name)
+                    key, ext = split_member(m.name)
                     if ext.lower() in IMAGE_EXTS:
                         found[key] = (m.offset_data, m.size, ext.lower())
     except FileNotFoundError:
@@ -190,7 +183,7 @@ def read_images(build_dir: Path, tars: list[str], offsets: np.ndarray, sizes: np
 _META_COLUMNS = [
     "uid", "source", "domain", "url", "caption", *[f"caption_{t}" for t in CAPTION_TEMPLATES],
     "license", "attribution", *[f"taxon_{r}" for r in TAXON_RANKS], "common_name", "width", "height",
-    "shard", "key", "mix_key", "mix_position", "mix_shard",
+    "shard", "key", "mix_key", "mix_position", "mix_shard", "captions",
 ]  # fmt: skip
 
 
@@ -199,6 +192,8 @@ def sample_meta(row: dict, caption: str) -> dict:
     meta = {k: row.get(k) for k in ("uid", "source", "domain", "license", "attribution", "url", "width", "height")}
     meta["key"] = row["mix_key"]
     meta["caption"] = caption
+    if row.get("captions"):  # the valid captions of the row's duplicate group (DESIGN §3), its own first
+        meta["captions"] = row["captions"]
     for t in CAPTION_TEMPLATES:
         if row.get(f"caption_{t}") is not None:
             meta[f"caption_{t}"] = row[f"caption_{t}"]

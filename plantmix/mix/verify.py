@@ -23,7 +23,7 @@ from rich.console import Console
 from rich.table import Table
 
 from plantmix.core.errors import PlantmixError
-from plantmix.mix.shards import IMAGE_EXTS, _sample_key
+from plantmix.core.members import IMAGE_EXTS, split_member
 
 MAX_PROBLEMS_PER_SHARD = 20
 
@@ -71,7 +71,7 @@ def _iter_samples(path: Path):
         for m in tf:
             if not m.isfile():
                 continue
-            k, ext = _sample_key(m.name)
+            k, ext = split_member(m.name)
             data = tf.extractfile(m).read()
             if k != key and key is not None:
                 yield key, sample

@@ -64,7 +64,9 @@ def fetch_urls(table: pa.Table, url_rewrite: dict[str, str] | None = None) -> pa
 
 def source_fingerprint(rows: pa.Table, cfg: DownloadConfig) -> str:
     """Identity of a source's download: its (uid, url, path, caption) rows and the img2dataset settings."""
-    h = hashlib.sha256(json.dumps(_img2dataset_args(cfg), sort_keys=True).encode())
+    from plantmix.stages.i2d_hooks import HOOKS_VERSION
+
+    h = hashlib.sha256(json.dumps({**_img2dataset_args(cfg), "hooks": HOOKS_VERSION}, sort_keys=True).encode())
     for col in ("uid", "url", "path", "caption"):
         h.update(col.encode())
         for v in rows[col].to_pylist():
@@ -139,6 +141,9 @@ def _run_img2dataset(args: dict, log_path: str) -> None:
         spark.sparkContext.setLogLevel("ERROR")
     from img2dataset import download
 
+    from plantmix.stages.i2d_hooks import install
+
+    install()
     download(**args)
 
 

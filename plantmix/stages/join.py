@@ -1,131 +1,98 @@
-"""Manifest: perceptual hashes of the downloaded images, then candidates ⟕ download results (DuckDB).
+"""Join: candidates ⟕ download results ⟕ hashes, one row per candidate (DuckDB).
 
-`hash_shards` reads each download tar once and writes `hashes/<source>/<shard>.parquet` (key, phash),
-one file per tar, so an interrupted run redoes only unfinished tars. `join_manifest` left-joins the
-download results (img2dataset's per-shard parquet files) and the hashes onto every candidate on `uid`,
-so every candidate keeps exactly one row whatever happened to it.
+img2dataset's per-shard parquet files and the hash files are listed in Python, where the source and
+the shard of each file are known from its place under the build directory; DuckDB gets the lists as
+bound parameters and a (file → source, shard) table, so no path is ever parsed or spliced into SQL.
+Every candidate keeps exactly one row whatever happened to it.
 """
 
 from __future__ import annotations
 
-import tarfile
-from concurrent.futures import ProcessPoolExecutor
 from pathlib import Path
 
 import duckdb
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from plantmix.core.hashing import phash_bytes
-from plantmix.core.schema import CANDIDATE_SCHEMA, DROP_DOWNLOAD_FAILED, MANIFEST_EXTRA_FIELDS
-from plantmix.core.stage import fingerprint, is_done, mark_done, write_parquet
+from plantmix.core.schema import (
+    CANDIDATE_SCHEMA, DROP_DOWNLOAD_FAILED, MANIFEST_EXTRA_FIELDS, STATUS_MISSING, STATUS_NOT_ATTEMPTED,
+    STATUS_UNDECODABLE,
+)  # fmt: skip
+from plantmix.stages.hashes import HASH_SCHEMA
 
-IMAGE_EXTS = (".jpg", ".jpeg", ".png", ".webp")
-STATUS_NOT_ATTEMPTED = "not_attempted"  # dropped at ingest, never sent to the downloader
-STATUS_MISSING = "missing_from_download"  # sent, but absent from the downloader's output
+_DOWNLOAD_COLUMNS = {
+    "uid": "VARCHAR", "status": "VARCHAR", "error_message": "VARCHAR", "sha256": "VARCHAR", "width": "BIGINT",
+    "height": "BIGINT", "original_width": "BIGINT", "original_height": "BIGINT", "key": "VARCHAR",
+    "original_bytes": "BIGINT",
+}  # fmt: skip
 
 
-def _hash_one_shard(tar_path: str) -> pa.Table:
-    keys, hashes, errors = [], [], []
-    with tarfile.open(tar_path) as tar:
-        for m in tar:
-            name = m.name
-            if not m.isreg() or not name.lower().endswith(IMAGE_EXTS):
-                continue
-            data = tar.extractfile(m).read()
-            keys.append(name.rsplit(".", 1)[0])
-            try:
-                hashes.append(phash_bytes(data))
-                errors.append(None)
-            except Exception as e:  # undecodable stored bytes: recorded, decided on in the join
-                hashes.append(None)
-                errors.append(f"phash failed: {e}")
+def output_files(build_dir: Path, kind: str) -> pa.Table:
+    """(file, source, shard) of every `<kind>/<source>/<shard>.parquet` under the build directory."""
+    files = sorted(Path(build_dir).glob(f"{kind}/*/*.parquet"))
     return pa.table(
-        {"key": pa.array(keys, pa.string()), "phash": pa.array(hashes, pa.uint64()), "phash_error": pa.array(errors, pa.string())}
+        {
+            "file": pa.array([str(f) for f in files], pa.string()),
+            "source": pa.array([f.parent.name for f in files], pa.string()),
+            "shard": pa.array([f"download/{f.parent.name}/{f.stem}.tar" for f in files], pa.string()),
+        }
     )
 
 
-def hash_shards(download_dir: Path, hashes_dir: Path, workers: int = 2, progress=None) -> int:
-    """pHash every image in every download tar; per-tar outputs are cached by the tar's digest."""
-    tars = sorted(Path(download_dir).glob("*/*.tar"))
-    todo = []
-    for tar in tars:
-        out = hashes_dir / tar.parent.name / (tar.stem + ".parquet")
-        key = fingerprint({"stage": "phash", "v": 1}, [tar])
-        if not is_done(out, key):
-            todo.append((tar, out, key))
-    done = len(tars) - len(todo)
-    if progress:
-        progress(done, len(tars))
-    if todo:
-        with ProcessPoolExecutor(max_workers=max(1, workers)) as pool:
-            for (tar, out, key), table in zip(todo, pool.map(_hash_one_shard, [str(t) for t, _, _ in todo])):
-                write_parquet(table, out)
-                mark_done(out, key)
-                done += 1
-                if progress:
-                    progress(done, len(tars))
-    return len(tars)
+def _register_files(con: duckdb.DuckDBPyConnection, name: str, files: pa.Table, columns: dict[str, str]) -> None:
+    """Create table `name` with `columns` + source + shard from the parquet files listed in `files`."""
+    con.register(f"{name}_files", files)
+    present = set().union(*(pq.read_schema(f).names for f in files.column("file").to_pylist()))
+    cols = ", ".join(f"t.{c}::{t} AS {c}" if c in present else f"NULL::{t} AS {c}" for c, t in columns.items())
+    if files.num_rows:
+        con.execute(
+            f"""CREATE TEMP TABLE {name} AS SELECT {cols}, f.source, f.shard
+                FROM read_parquet($files, filename = true, union_by_name = true) t
+                JOIN {name}_files f ON f.file = t.filename""",
+            {"files": files.column("file").to_pylist()},
+        )
+    else:
+        nulls = ", ".join(f"NULL::{t} AS {c}" for c, t in columns.items())
+        con.execute(f"CREATE TEMP TABLE {name} AS SELECT {nulls}, NULL::VARCHAR source, NULL::VARCHAR shard WHERE false")
 
 
-def join_manifest(candidates_path: Path, build_dir: Path) -> pa.Table:
-    """One row per candidate with the download outcome, hashes and sizes (DESIGN §4 columns)."""
-    build_dir = Path(build_dir)
+def join_manifest(candidates_path: Path, build_dir: Path, threads: int = 2) -> pa.Table:
+    """One row per candidate with the download outcome, hashes and sizes (DESIGN §4 columns).
+
+    keep / drop_reason here say only whether the row has a usable image; curation decides later.
+    """
     con = duckdb.connect()
-    con.execute("SET threads TO 2")
-    downloads = sorted(build_dir.glob("download/*/*.parquet"))
-    hashes = sorted(build_dir.glob("hashes/*/*.parquet"))
-    if downloads:
-        files = ", ".join(f"'{p}'" for p in downloads)
-        con.execute(
-            f"""CREATE VIEW dl AS SELECT uid, status, error_message, sha256, width, height,
-                original_width, original_height, key,
-                regexp_extract(filename, '(download/[^/]+/[^/]+)\\.parquet$', 1) || '.tar' AS shard,
-                regexp_extract(filename, 'download/([^/]+)/', 1) AS dl_source
-            FROM read_parquet([{files}], filename=true, union_by_name=true)"""
-        )
-    else:
-        con.execute(
-            "CREATE VIEW dl AS SELECT NULL::VARCHAR uid, NULL::VARCHAR status, NULL::VARCHAR error_message, "
-            "NULL::VARCHAR sha256, NULL::BIGINT width, NULL::BIGINT height, NULL::BIGINT original_width, "
-            "NULL::BIGINT original_height, NULL::VARCHAR key, NULL::VARCHAR shard, NULL::VARCHAR dl_source WHERE false"
-        )
-    if hashes:
-        files = ", ".join(f"'{p}'" for p in hashes)
-        con.execute(
-            f"""CREATE VIEW hs AS SELECT key, phash, phash_error,
-                regexp_extract(filename, 'hashes/([^/]+)/', 1) AS hs_source
-            FROM read_parquet([{files}], filename=true)"""
-        )
-    else:
-        con.execute("CREATE VIEW hs AS SELECT NULL::VARCHAR key, NULL::UBIGINT phash, NULL::VARCHAR phash_error, NULL::VARCHAR hs_source WHERE false")
+    con.execute(f"SET threads TO {int(threads)}")
+    _register_files(con, "dl", output_files(build_dir, "download"), _DOWNLOAD_COLUMNS)
+    hash_types = {"key": "VARCHAR", "phash": "UBIGINT", "phash_mirror": "UBIGINT", "stored_bytes": "BIGINT", "phash_error": "VARCHAR"}
+    assert set(hash_types) == set(HASH_SCHEMA.names)
+    _register_files(con, "hs", output_files(build_dir, "hashes"), hash_types)
     cand = pq.read_table(candidates_path)
     con.register("cand", cand.append_column("rn", pa.array(range(cand.num_rows), pa.int64())))
     cand_cols = ", ".join(f"c.{f.name}" for f in CANDIDATE_SCHEMA if f.name != "drop_reason")
+    decodable = "d.status = 'success' AND h.phash IS NOT NULL"
     table = con.sql(
         f"""
-        WITH d AS (SELECT * FROM dl QUALIFY row_number() OVER (PARTITION BY dl_source, uid ORDER BY shard, key) = 1),
-             c AS (SELECT * FROM cand)
+        WITH d AS (SELECT * FROM dl QUALIFY row_number() OVER (PARTITION BY source, uid ORDER BY shard, key) = 1)
         SELECT {cand_cols},
           CASE WHEN c.drop_reason IS NOT NULL THEN '{STATUS_NOT_ATTEMPTED}'
                WHEN d.status IS NULL THEN '{STATUS_MISSING}'
-               WHEN d.status = 'success' AND h.phash IS NULL THEN 'failed_to_decode'
+               WHEN d.status = 'success' AND h.phash IS NULL THEN '{STATUS_UNDECODABLE}'
                ELSE d.status END AS status,
           CASE WHEN d.status = 'success' AND h.phash IS NULL THEN coalesce(h.phash_error, 'stored image not found')
                ELSE d.error_message END AS error_message,
-          d.sha256, h.phash,
-          d.width::BIGINT AS width, d.height::BIGINT AS height,
-          d.original_width::BIGINT AS original_width, d.original_height::BIGINT AS original_height,
+          d.sha256, h.phash, h.phash_mirror, h.stored_bytes, d.original_bytes,
+          d.width, d.height, d.original_width, d.original_height,
           CASE WHEN d.status = 'success' THEN d.shard END AS shard,
           CASE WHEN d.status = 'success' THEN d.key END AS key,
           NULL::FLOAT AS clip_score, NULL::FLOAT AS plant_score, NULL::VARCHAR AS dup_of,
-          (c.drop_reason IS NULL AND d.status = 'success' AND h.phash IS NOT NULL) AS keep,
+          (c.drop_reason IS NULL AND {decodable}) AS keep,
           CASE WHEN c.drop_reason IS NOT NULL THEN c.drop_reason
-               WHEN d.status = 'success' AND h.phash IS NOT NULL THEN NULL
+               WHEN {decodable} THEN NULL
                ELSE '{DROP_DOWNLOAD_FAILED}' END AS drop_reason
-        FROM c
-        LEFT JOIN d ON d.uid = c.uid AND d.dl_source = c.source
-        LEFT JOIN hs h ON h.hs_source = c.source AND h.key = d.key AND d.status = 'success'
+        FROM cand c
+        LEFT JOIN d ON d.uid = c.uid AND d.source = c.source
+        LEFT JOIN hs h ON h.source = c.source AND h.shard = d.shard AND h.key = d.key AND d.status = 'success'
         ORDER BY c.rn
         """
     ).to_arrow_table()
@@ -133,7 +100,7 @@ def join_manifest(candidates_path: Path, build_dir: Path) -> pa.Table:
 
 
 def manifest_schema(current: pa.Schema) -> pa.Schema:
-    """Candidate columns, then DESIGN §4 extras, then drop_reason; typed per plantmix.schema."""
+    """Candidate columns, then DESIGN §4 extras, then drop_reason; typed per plantmix.core.schema."""
     fields = [f for f in CANDIDATE_SCHEMA if f.name != "drop_reason"] + MANIFEST_EXTRA_FIELDS
     fields.append(pa.field("drop_reason", pa.string()))
     by_name = {f.name: f for f in fields}

@@ -1,0 +1,275 @@
+"""The decision step (DESIGN §3): proposals in, `keep`, `drop_reason`, `dup_of` out — in one declared order.
+
+1. Row-level rejections: ingest and download outcomes (already on the joined rows), then the filters'
+   image and caption proposals. Rows that pass are the *survivors*.
+2. Duplicate groups among survivors only, so a group is never lost while one member survives:
+   exact groups (same sha256) elect their best member by the keep rule; those representatives are
+   merged by pHash (equal values first, then the near pairs proposed by dedup) greedily in keep-rule
+   order — a representative is kept unless a better kept one lies within the radius. Every other
+   survivor gets `duplicate_exact` when its sha256 equals that of the row it is assigned to, else
+   `duplicate_near`, and `dup_of` = the nearest kept twin (smallest distance, then keep rule).
+3. Rows rejected in step 1 that are copies of a kept row get `dup_of` too (their reason stays), so
+   their valid captions join the kept row's `captions`, own caption first.
+A group whose members name different species is a label conflict: flagged on every member
+(`label_conflict`), resolved only by the keep rule (source priority first), and reported.
+
+Invariants (checked by `check_invariants`, asserted in tests): `dup_of` names a kept row; a
+duplicate_exact row has its dup_of's sha256 and a duplicate_near row does not; kept rows are pairwise
+farther apart than the radius.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.compute as pc
+
+from plantmix.core.errors import PlantmixError
+from plantmix.core.recipe import DedupConfig
+from plantmix.core.schema import DECISION_FIELDS, DROP_DUPLICATE_EXACT, DROP_DUPLICATE_NEAR, pandas_readable
+from plantmix.curate.dedup import KeepRule, group_winners, sha_groups
+
+NONE = -1
+
+
+def decide(
+    joined: pa.Table, filters: pa.Table, pairs: pa.Table, cfg: DedupConfig, source_priority: dict[str, int]
+) -> pa.Table:
+    """The manifest: `joined` with the decision columns set (same rows, same order)."""
+    if filters.num_rows != joined.num_rows or not filters["uid"].equals(joined["uid"]):
+        raise PlantmixError("decide: filter proposals do not match the joined manifest; rerun the filter stage")
+    usable = joined["keep"].to_numpy(zero_copy_only=False)
+    image_ok = pc.is_null(filters["image_reason"]).to_numpy(zero_copy_only=False)
+    caption_ok = pc.is_null(filters["caption_reason"]).to_numpy(zero_copy_only=False)
+    survivor = usable & image_ok & caption_ok
+    rule = KeepRule(joined, source_priority, np.nonzero(usable)[0])
+    target, distance = _assign(joined, survivor, usable, pairs, cfg, rule)
+    return _write(joined, filters, survivor, caption_ok & usable, target, distance)
+
+
+# ---- assignment ---------------------------------------------------------------------------------------
+
+
+def _assign(joined: pa.Table, survivor: np.ndarray, usable: np.ndarray, pairs: pa.Table, cfg: DedupConfig, rule: KeepRule):
+    """Per row: the row it is a copy of (NONE for kept and unrelated rows) and the pHash distance."""
+    n = joined.num_rows
+    target = np.full(n, NONE, np.int64)
+    distance = np.zeros(n, np.int16)
+    rows = np.nonzero(survivor)[0]
+    rep = rows.copy()  # exact representative of each survivor
+    if cfg.exact and len(rows):
+        sha = joined["sha256"]
+        has_sha = pc.is_valid(sha).to_numpy(zero_copy_only=False)[rows]
+        sub = rows[has_sha]
+        rep[has_sha] = sub[group_winners(sha_groups(sha, sub), sub, rule)]
+    phash = pc.fill_null(joined["phash"], 0).to_numpy()
+    kept_of = rep.copy()  # final kept row of each survivor
+    if cfg.near and len(rows):
+        reps = np.unique(rep)
+        final, dist = _near_keep(reps, phash, pairs, cfg.phash_radius, rule)
+        where = np.searchsorted(reps, rep)
+        kept_of, d = final[where], dist[where]
+        distance[rows] = d
+    copy = kept_of != rows
+    target[rows[copy]] = kept_of[copy]
+    _attach_rejected(joined, survivor, usable, target, distance, phash, pairs, cfg)
+    return target, distance
+
+
+def _near_keep(reps: np.ndarray, phash: np.ndarray, pairs: pa.Table, radius: int, rule: KeepRule):
+    """Greedy near dedup over exact representatives: (kept row, distance) for each of `reps`."""
+    from plantmix.curate.dedup import greedy_keep
+
+    order = rule.order(reps)
+    ranked = reps[order]  # best first
+    values, node = np.unique(phash[ranked], return_inverse=True)
+    # node rank = rank of its best member; nodes are ranked in order of first appearance
+    first = np.full(len(values), len(ranked), np.int64)
+    np.minimum.at(first, node, np.arange(len(ranked)))
+    node_rank = np.argsort(np.argsort(first, kind="stable"), kind="stable")
+    best_row = np.empty(len(values), np.int64)
+    best_row[node_rank] = ranked[first]
+    a, b, d = _pairs_between(values, pairs, radius)
+    ra, rb = node_rank[a], node_rank[b]
+    parent = greedy_keep(len(values), np.minimum(ra, rb), np.maximum(ra, rb))  # over ranks
+    kept = parent == -1
+    to = np.arange(len(values))  # rank of each node's kept node
+    to_dist = np.zeros(len(values), np.int16)
+    lost = np.nonzero(~kept)[0]
+    if len(lost):
+        # nearest kept neighbour (any rank), ties by rank
+        x = np.r_[ra, rb]
+        y = np.r_[rb, ra]
+        dd = np.r_[d, d].astype(np.int16)
+        ok = ~kept[x] & kept[y]
+        x, y, dd = x[ok], y[ok], dd[ok]
+        o = np.lexsort((y, dd, x))
+        x, y, dd = x[o], y[o], dd[o]
+        head = np.r_[True, x[1:] != x[:-1]]
+        to[x[head]], to_dist[x[head]] = y[head], dd[head]
+    rank_of = node_rank[node]  # per ranked rep
+    kept_row = best_row[to[rank_of]]
+    dist = to_dist[rank_of]
+    out_row = np.empty(len(reps), np.int64)
+    out_dist = np.empty(len(reps), np.int16)
+    out_row[order], out_dist[order] = kept_row, dist
+    return out_row, out_dist
+
+
+def _pairs_between(values: np.ndarray, pairs: pa.Table, radius: int):
+    """The proposed pairs whose both pHash values are in sorted `values`, within `radius`, as indices."""
+    pa_, pb = pairs["phash_a"].to_numpy(), pairs["phash_b"].to_numpy()
+    d = pairs["distance"].to_numpy()
+    ia = np.clip(np.searchsorted(values, pa_), 0, max(len(values) - 1, 0))
+    ib = np.clip(np.searchsorted(values, pb), 0, max(len(values) - 1, 0))
+    if not len(values):
+        return ia[:0], ib[:0], d[:0]
+    ok = (values[ia] == pa_) & (values[ib] == pb) & (d <= radius)
+    return ia[ok], ib[ok], d[ok]
+
+
+def _attach_rejected(joined, survivor, usable, target, distance, phash, pairs, cfg: DedupConfig) -> None:
+    """Point rows rejected at row level that copy a kept row at it (exact first, then nearest pHash)."""
+    kept = survivor & (target == NONE)
+    rejected = np.nonzero(usable & ~survivor)[0]
+    if not len(rejected) or not kept.any():
+        return
+    kept_rows = np.nonzero(kept)[0]
+    sha = joined["sha256"]
+    if cfg.exact:
+        by_sha = dict(zip(sha.take(pa.array(kept_rows)).to_pylist(), kept_rows))
+        for r, s in zip(rejected, sha.take(pa.array(rejected)).to_pylist()):
+            if s is not None and s in by_sha:
+                target[r] = by_sha[s]
+    if not cfg.near:
+        return
+    left = rejected[target[rejected] == NONE]
+    # kept rows by pHash value (the best kept row when several share one), then the rejected rows' nearest
+    kv, kfirst = np.unique(phash[kept_rows], return_index=True)
+    values = np.unique(np.r_[kv, phash[left]])
+    a, b, d = _pairs_between(values, pairs, cfg.phash_radius)
+    x, y, dd = np.r_[a, b, np.arange(len(values))], np.r_[b, a, np.arange(len(values))], np.r_[d, d, np.zeros(len(values), d.dtype)]
+    is_kept_value = np.isin(values, kv)
+    ok = is_kept_value[y]
+    x, y, dd = x[ok], y[ok], dd[ok]
+    o = np.lexsort((y, dd, x))
+    x, y, dd = x[o], y[o], dd[o]
+    head = np.r_[True, x[1:] != x[:-1]] if len(x) else np.zeros(0, bool)
+    nearest = np.full(len(values), NONE, np.int64)
+    near_d = np.zeros(len(values), np.int16)
+    nearest[x[head]] = kept_rows[kfirst[np.searchsorted(kv, values[y[head]])]]
+    near_d[x[head]] = dd[head]
+    pos = np.searchsorted(values, phash[left])
+    target[left] = nearest[pos]
+    distance[left] = near_d[pos]
+
+
+# ---- output -------------------------------------------------------------------------------------------
+
+
+def _write(joined, filters, survivor, caption_ok, target, distance) -> pa.Table:
+    n = joined.num_rows
+    uid = joined["uid"]
+    has_target = target != NONE
+    dup_uid = pc.replace_with_mask(pa.nulls(n, pa.string()), pa.array(has_target), uid.take(pa.array(target[has_target])).combine_chunks())
+    keep = survivor & ~has_target
+    sha = joined["sha256"]
+    same_sha = np.zeros(n, bool)
+    if has_target.any():
+        same_sha[has_target] = pc.fill_null(pc.equal(sha.take(pa.array(np.nonzero(has_target)[0])), sha.take(pa.array(target[has_target]))), False).to_numpy(zero_copy_only=False)
+    dup_reason = np.where(same_sha, DROP_DUPLICATE_EXACT, DROP_DUPLICATE_NEAR)
+    row_reason = pc.coalesce(joined["drop_reason"], filters["image_reason"], filters["caption_reason"])
+    reason = pc.if_else(pa.array(survivor & has_target), pa.array(dup_reason), row_reason)
+    reason = pc.if_else(pa.array(keep), pa.nulls(n, pa.string()), reason)
+    dist = pa.array(np.where(has_target, distance, 0).astype(np.int8), mask=~has_target)
+    captions, conflict = _group_columns(joined, keep, caption_ok, target, distance)
+    out = joined
+    for name, values in (("keep", pa.array(keep)), ("drop_reason", reason), ("dup_of", dup_uid)):
+        out = out.set_column(out.schema.get_field_index(name), out.schema.field(name), values)
+    for f, values in zip(DECISION_FIELDS, (captions, dist, conflict)):
+        out = _put(out, f, values)
+    return pandas_readable(out)
+
+
+def _put(table: pa.Table, field: pa.Field, values: pa.Array) -> pa.Table:
+    i = table.schema.get_field_index(field.name)
+    return table.set_column(i, field, values) if i >= 0 else table.append_column(field, values)
+
+
+def _group_columns(joined, keep, caption_ok, target, distance):
+    """`captions` of kept rows (own first, then members' valid ones by distance, uid) and `label_conflict`.
+
+    Python touches only rows that are in a group; a kept row alone gets [its caption] by index arithmetic.
+    """
+    n = joined.num_rows
+    members = np.nonzero(target != NONE)[0]
+    heads = np.unique(target[members])
+    caption_col = joined["caption"].combine_chunks() if joined.num_rows else pa.array([], pa.string())
+    valid = caption_ok & pc.fill_null(pc.greater(pc.utf8_length(caption_col), 0), False).to_numpy(zero_copy_only=False)
+    lengths = (keep & valid).astype(np.int64)
+    conflict = np.zeros(n, bool)
+    extra: list[str] = []
+    extra_len = np.zeros(len(heads), np.int64)
+    if len(heads):
+        caption = caption_col.take(pa.array(np.r_[heads, members])).to_pylist()
+        text = dict(zip(np.r_[heads, members].tolist(), caption))
+        species = dict(zip(np.r_[heads, members].tolist(), joined["taxon_species"].take(pa.array(np.r_[heads, members])).to_pylist()))
+        uid = dict(zip(members.tolist(), joined["uid"].take(pa.array(members)).to_pylist()))
+        by_head: dict[int, list[int]] = {}
+        for r in sorted(members.tolist(), key=lambda r: (distance[r], uid[r])):
+            by_head.setdefault(int(target[r]), []).append(r)
+        for j, k in enumerate(heads.tolist()):
+            group = [k, *by_head[k]]
+            texts = list(dict.fromkeys(text[r] for r in group if valid[r]))
+            extra.extend(texts)
+            extra_len[j] = len(texts)
+            if len({species[r] for r in group if species[r]}) > 1:
+                conflict[group] = True
+        lengths[heads] = extra_len
+    offsets = np.r_[0, np.cumsum(lengths)]
+    index = np.empty(offsets[-1], np.int64)
+    alone = np.nonzero(keep & valid)[0]
+    alone = alone[~np.isin(alone, heads)]
+    index[offsets[alone]] = alone
+    if len(heads):
+        starts = np.repeat(offsets[heads], extra_len)
+        within = np.arange(len(extra)) - np.repeat(np.r_[0, np.cumsum(extra_len)[:-1]], extra_len)
+        index[starts + within] = n + np.arange(len(extra))
+    pool = pa.concat_arrays([caption_col.cast(pa.string()), pa.array(extra, pa.string())])
+    values = pool.take(pa.array(index))
+    captions = pa.ListArray.from_arrays(pa.array(offsets.astype(np.int32)), values, mask=pa.array(~keep))
+    return captions, pa.array(conflict)
+
+
+# ---- invariants ---------------------------------------------------------------------------------------
+
+
+def check_invariants(manifest: pa.Table, radius: int | None = None, mirror: bool = True) -> list[str]:
+    """Violations of the decision invariants (empty when all hold); `radius` also checks kept rows'
+    pairwise pHash distance (mirror hashes included when `mirror`), which costs a pair search."""
+    import duckdb
+
+    con = duckdb.connect()
+    con.register("m", manifest.select(["uid", "keep", "drop_reason", "dup_of", "sha256"]))
+    problems = []
+    checks = {
+        "dup_of names a row that is not kept": "SELECT count(*) FROM m a JOIN m b ON a.dup_of = b.uid WHERE NOT b.keep",
+        "dup_of names no row": "SELECT count(*) FROM m a LEFT JOIN m b ON a.dup_of = b.uid WHERE a.dup_of IS NOT NULL AND b.uid IS NULL",
+        "duplicate row without dup_of": f"SELECT count(*) FROM m WHERE drop_reason IN ('{DROP_DUPLICATE_EXACT}', '{DROP_DUPLICATE_NEAR}') AND dup_of IS NULL",
+        "duplicate_exact with another sha256": f"SELECT count(*) FROM m a JOIN m b ON a.dup_of = b.uid WHERE a.drop_reason = '{DROP_DUPLICATE_EXACT}' AND a.sha256 IS DISTINCT FROM b.sha256",
+        "duplicate_near with the same sha256": f"SELECT count(*) FROM m a JOIN m b ON a.dup_of = b.uid WHERE a.drop_reason = '{DROP_DUPLICATE_NEAR}' AND a.sha256 = b.sha256",
+        "kept row with a drop reason": "SELECT count(*) FROM m WHERE keep AND (drop_reason IS NOT NULL OR dup_of IS NOT NULL)",
+    }
+    for what, sql in checks.items():
+        count = con.execute(sql).fetchone()[0]
+        if count:
+            problems.append(f"{what}: {count} row(s)")
+    if radius is not None:
+        from plantmix.curate.dedup import near_pair_proposals
+
+        kept = manifest.filter(pc.and_(manifest["keep"], pc.is_valid(manifest["phash"])))
+        mirrors = kept["phash_mirror"].to_numpy() if mirror else None
+        close = near_pair_proposals(kept["phash"].to_numpy(), mirrors, radius)
+        if close.num_rows:
+            problems.append(f"kept rows within radius {radius} of each other: {close.num_rows} pair(s)")
+    return problems

@@ -1,0 +1,114 @@
+"""The build's data-in stages, declared once: ingest, download, hashes, join (see plantmix.build)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from plantmix.core.errors import PlantmixError
+from plantmix.core.stage import Stage
+from plantmix.stages.download import download_source
+from plantmix.stages.hashes import HASH_VERSION, hash_shards
+from plantmix.stages.ingest import ingest, resolve_source_path, taxonomy_path
+from plantmix.stages.join import join_manifest
+
+
+def _source_inputs(ctx) -> list[Path]:
+    paths = []
+    for s in ctx.recipe.sources:
+        p = resolve_source_path(s, ctx.base_dir, ctx.demo_dir)
+        if s.format == "webdataset":
+            from plantmix.stages.sources import expand_shards
+
+            paths.extend(expand_shards(p, s.name))
+        else:
+            if not Path(p).exists():
+                raise PlantmixError(f"source '{s.name}': path not found: {p}")
+            paths.append(Path(p))
+        if s.taxonomy:
+            paths.append(taxonomy_path(s, ctx.base_dir, ctx.demo_dir))
+    return paths
+
+
+def ingest_stage(ctx) -> Stage:
+    recipe = ctx.recipe
+
+    def run():
+        table, _ = ingest(recipe, ctx.base_dir, ctx.path("extracted"), ctx.demo_dir)
+        return table
+
+    return Stage(
+        "ingest", "read every source into candidates.parquet", ctx.path("candidates.parquet"), run,
+        inputs=lambda: _source_inputs(ctx),
+        params={"sources": [s.model_dump(mode="json") for s in recipe.sources], "seed": recipe.seed,
+                "schemes": recipe.download.allowed_schemes},
+    )  # fmt: skip
+
+
+def download_stage(ctx) -> Stage:
+    """One img2dataset run per source; each keeps its own marker, so this stage is managed."""
+    from plantmix.build import _progress, fetchable_rows
+
+    candidates = ctx.path("candidates.parquet")
+
+    def run() -> bool:
+        did = False
+        with _progress(ctx.console) as progress:
+            for source in ctx.recipe.sources:
+                rows = fetchable_rows(candidates, source.name)
+                task = progress.add_task(f"download {source.name}", total=None)
+                summary = download_source(
+                    rows, ctx.path("download", source.name), ctx.recipe.download, _url_rewrite(ctx, rows.num_rows),
+                    progress=lambda done, total, t=task: progress.update(t, completed=done, total=total),
+                )  # fmt: skip
+                if summary.get("skipped"):
+                    progress.update(task, completed=1, total=1, description=f"download {source.name} (done)")
+                did |= not summary.get("skipped")
+        return did
+
+    def count() -> str:
+        tars = list(ctx.path("download").glob("*/*.tar"))
+        return f"{len(tars):,} shards"
+
+    return Stage("download", "img2dataset per source", ctx.path("download"), run, managed=True, count=count)
+
+
+def _url_rewrite(ctx, rows: int) -> dict[str, str] | None:
+    """The demo world's fixed URL prefix → its loopback server, started once per build when needed."""
+    if ctx.demo_dir is None or not rows:
+        return None
+    if ctx.demo_url is None:
+        from plantmix.demo import DEMO_BASE_URL
+        from plantmix.demo.server import serve_world
+
+        ctx.demo_url = {DEMO_BASE_URL: ctx.stack.enter_context(serve_world(ctx.demo_dir))}
+    return ctx.demo_url
+
+
+def hashes_stage(ctx) -> Stage:
+    from plantmix.build import _progress
+
+    def run() -> bool:
+        with _progress(ctx.console) as progress:
+            task = progress.add_task("perceptual hashes (shards)", total=None)
+            return hash_shards(
+                ctx.path("download"), ctx.path("hashes"), workers=ctx.recipe.download.processes_count,
+                progress=lambda done, total: progress.update(task, completed=done, total=total),
+            )  # fmt: skip
+
+    def count() -> str:
+        return f"{len(list(ctx.path('hashes').glob('*/*.parquet'))):,} shard hash files (v{HASH_VERSION})"
+
+    return Stage("hashes", "pHash per downloaded image", ctx.path("hashes"), run, managed=True, count=count)
+
+
+def join_stage(ctx) -> Stage:
+    candidates = ctx.path("candidates.parquet")
+
+    def inputs() -> list[Path]:
+        markers = sorted(ctx.path("download").glob("*.done.json")) + sorted(ctx.path("hashes").glob("*/*.done.json"))
+        return [candidates, *markers]
+
+    return Stage(
+        "join", "downloads and hashes onto candidates", ctx.path("stages", "joined.parquet"),
+        lambda: join_manifest(candidates, ctx.build_dir), inputs=inputs, version=2,
+    )  # fmt: skip
