@@ -87,6 +87,37 @@ def mix(
     console.print(f"[green]✓[/] mix → {out}", highlight=False)
 
 
+@app.command("dedup-report")
+def dedup_report(
+    build_dir: Path = typer.Argument(..., help="A build directory (after `plantmix build`)."),
+    radius: str = typer.Option("4,6,8,10,12", "--radius", help="Comma-separated pHash radii to sweep."),
+    groups: int = typer.Option(8, "--groups", min=1, help="Largest duplicate groups on the contact sheet."),
+) -> None:
+    """Radius sweep (rows merged per radius, decisions recomputed in memory, nothing rebuilt), the
+    nearest-neighbour pHash distance histogram and a contact sheet of the largest duplicate groups,
+    in BUILD/reports/dedup/."""
+    from plantmix.build import read_lock
+    from plantmix.core.recipe import Recipe
+    from plantmix.curate.dedup_report import write_dedup_report
+
+    try:
+        radii = [int(r) for r in radius.split(",") if r.strip()]
+    except ValueError:
+        raise PlantmixError(f"--radius expects comma-separated integers like 4,6,8; got {radius!r}") from None
+    recipe = Recipe.model_validate(read_lock(build_dir)["recipe"])
+    priority = {s.name: s.priority for s in recipe.sources}
+    out = write_dedup_report(build_dir, radii, recipe.dedup, priority, groups)
+    import pyarrow.csv as pacsv
+
+    sweep = pacsv.read_csv(out / "radius_sweep.csv").to_pylist()
+    for row in sweep:
+        console.print(
+            f"radius {row['radius']:>2}: {row['duplicate_near']:,} near + {row['duplicate_exact']:,} exact merged, "
+            f"{row['kept']:,} kept", highlight=False,
+        )
+    console.print(f"[green]✓[/] {out}/: radius_sweep.csv, radius_sweep.png, nearest_distance.png, groups.png", highlight=False)
+
+
 @app.command()
 def verify(
     shards_dir: Path = typer.Argument(..., help="A mix's shards directory (BUILD/mixes/NAME/shards)."),

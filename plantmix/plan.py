@@ -14,16 +14,9 @@ from rich.console import Console
 from plantmix.report import make_console
 from rich.table import Table
 
+from plantmix.build import STAGE_DESCRIPTIONS
 from plantmix.core.recipe import Recipe
 
-STAGES = (
-    ("ingest", "read every source into candidates.parquet (uid, provenance, captions)"),
-    ("download", "img2dataset → download/<source>/NNNNN.tar (+ .parquet, _stats.json)"),
-    ("manifest", "join download results, sha256 and pHash onto every candidate"),
-    ("dedup", "exact (sha256) and near (pHash) duplicates keep the highest-priority twin"),
-    ("filter", "size, aspect and caption rules; drops keep a reason"),
-    ("mix", "seeded, nested selection per mix → shuffled webdataset shards + dataset card"),
-)
 
 # Assumptions (stated in the printed plan).
 URL_SUCCESS = 0.85  # share of URLs that still download and decode (older crawls lose more)
@@ -147,7 +140,7 @@ def print_plan(recipe: Recipe, recipe_path: str | Path | None = None, console: C
     t.add_column("#", justify="right")
     t.add_column("stage")
     t.add_column("what it does")
-    for i, (name, what) in enumerate(STAGES, 1):
+    for i, (name, what) in enumerate(STAGE_DESCRIPTIONS.items(), 1):
         t.add_row(str(i), name, what)
     console.print(t)
 

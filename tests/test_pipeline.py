@@ -220,10 +220,38 @@ def test_label_conflict_is_flagged_and_reported(reference):
     assert {u for u, r in m.items() if r["label_conflict"]} == {u for u, r in m.items() if (r["dup_of"] or u) in heads}
 
 
+def test_build_path_with_download_hashes_space_and_quote(reference, tmp_path):
+    """Source and shard come from the file list, not from parsing the path: any --out works."""
+    out = tmp_path / "data" / "download" / "team" / "hashes" / "y" / "it's a build"
+    plantmix("build", str(small_recipe(tmp_path)), "--out", str(out))
+    assert decisions(out) == decisions(reference)
+
+
+def test_manifest_reads_exactly_in_pandas_duckdb_and_arrow(reference):
+    import duckdb
+    import numpy as np
+    import pandas as pd
+
+    path = reference / "manifest.parquet"
+    df = pd.read_parquet(path)  # pandas' defaults
+    arrow = pq.read_table(path)
+    assert str(df["phash"].dtype) == "UInt64" and df["phash"].isna().sum() == arrow["phash"].null_count > 0
+    assert [None if pd.isna(v) else int(v) for v in df["phash"]] == arrow["phash"].to_pylist()
+    rows = df[df["phash"].notna()]
+    a, b = rows["phash"].to_numpy(np.uint64)[:-1], rows["phash"].to_numpy(np.uint64)[1:]
+    ours = [bin(int(x) ^ int(y)).count("1") for x, y in zip(a, b)]
+    theirs = duckdb.execute(
+        "SELECT bit_count(xor(phash, next)) FROM (SELECT phash, lead(phash) OVER (ORDER BY n) AS next "
+        "FROM (SELECT phash, row_number() OVER () AS n FROM read_parquet(?) WHERE phash IS NOT NULL)) WHERE next IS NOT NULL",
+        [str(path)],
+    ).fetchall()
+    assert ours == [t[0] for t in theirs]
+
+
 def test_rerun_is_a_noop(reference, tmp_path):
     before = (reference / "manifest.parquet").stat().st_mtime_ns
     p = plantmix("build", str(small_recipe(reference.parent)), "--out", str(reference))
-    assert (reference / "manifest.parquet").stat().st_mtime_ns == before
+    assert (reference / "manifest.parquet").stat().st_mtime_ns == before, p.stderr
     assert "Funnel" in p.stdout + p.stderr
 
 
@@ -273,3 +301,22 @@ def test_stats_writes_plots(reference):
     assert "kept" in p.stdout
     for name in ("image_sizes.png", "caption_lengths.png", "composition.png", "funnel.csv"):
         assert (reference / "reports" / name).stat().st_size > 0
+
+
+def test_dedup_report_sweeps_radii_without_rebuilding(reference):
+    before = (reference / "manifest.parquet").stat().st_mtime_ns
+    p = plantmix("dedup-report", str(reference), "--radius", "0,4,8")
+    assert "radius  8:" in p.stderr
+    out = reference / "reports" / "dedup"
+    for name in ("radius_sweep.png", "nearest_distance.png", "groups.png"):
+        assert (out / name).stat().st_size > 0
+    import pyarrow.csv as pacsv
+
+    sweep = {r["radius"]: r for r in pacsv.read_csv(out / "radius_sweep.csv").to_pylist()}
+    m = pq.read_table(reference / "manifest.parquet")
+    near = pc.sum(pc.equal(m["drop_reason"], "duplicate_near")).as_py()
+    assert sweep[8]["duplicate_near"] == near and sweep[8]["kept"] == pc.sum(m["keep"]).as_py()
+    assert sweep[0]["duplicate_near"] <= sweep[4]["duplicate_near"] <= sweep[8]["duplicate_near"]
+    assert (reference / "manifest.parquet").stat().st_mtime_ns == before
+    bad = plantmix("dedup-report", str(reference), "--radius", "4,x", check=False)
+    assert bad.returncode == 2 and bad.stderr.startswith("error: --radius")

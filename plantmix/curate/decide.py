@@ -72,7 +72,7 @@ def _assign(joined: pa.Table, survivor: np.ndarray, usable: np.ndarray, pairs: p
         distance[rows] = d
     copy = kept_of != rows
     target[rows[copy]] = kept_of[copy]
-    _attach_rejected(joined, survivor, usable, target, distance, phash, pairs, cfg)
+    _attach_rejected(joined, survivor, usable, target, distance, phash, pairs, cfg, rule)
     return target, distance
 
 
@@ -128,36 +128,40 @@ def _pairs_between(values: np.ndarray, pairs: pa.Table, radius: int):
     return ia[ok], ib[ok], d[ok]
 
 
-def _attach_rejected(joined, survivor, usable, target, distance, phash, pairs, cfg: DedupConfig) -> None:
-    """Point rows rejected at row level that copy a kept row at it (exact first, then nearest pHash)."""
+def _attach_rejected(joined, survivor, usable, target, distance, phash, pairs, cfg: DedupConfig, rule: KeepRule) -> None:
+    """Point rows rejected at row level that copy a kept row at it: the kept row with the same sha256,
+    else the nearest by pHash (ties by the keep rule, as for survivors)."""
     kept = survivor & (target == NONE)
     rejected = np.nonzero(usable & ~survivor)[0]
     if not len(rejected) or not kept.any():
         return
     kept_rows = np.nonzero(kept)[0]
-    sha = joined["sha256"]
     if cfg.exact:
-        by_sha = dict(zip(sha.take(pa.array(kept_rows)).to_pylist(), kept_rows))
-        for r, s in zip(rejected, sha.take(pa.array(rejected)).to_pylist()):
-            if s is not None and s in by_sha:
-                target[r] = by_sha[s]
+        sha = joined["sha256"]
+        hit = pc.index_in(sha.take(pa.array(rejected)), value_set=sha.take(pa.array(kept_rows)).combine_chunks(), skip_nulls=True)
+        found = pc.is_valid(hit).to_numpy(zero_copy_only=False)
+        target[rejected[found]] = kept_rows[pc.drop_null(hit).to_numpy()]
     if not cfg.near:
         return
     left = rejected[target[rejected] == NONE]
-    # kept rows by pHash value (the best kept row when several share one), then the rejected rows' nearest
+    # kept rows by pHash value (kept rows are never within the radius of each other, so one per value)
     kv, kfirst = np.unique(phash[kept_rows], return_index=True)
     values = np.unique(np.r_[kv, phash[left]])
     a, b, d = _pairs_between(values, pairs, cfg.phash_radius)
-    x, y, dd = np.r_[a, b, np.arange(len(values))], np.r_[b, a, np.arange(len(values))], np.r_[d, d, np.zeros(len(values), d.dtype)]
-    is_kept_value = np.isin(values, kv)
-    ok = is_kept_value[y]
+    same = np.arange(len(values))
+    x, y, dd = np.r_[a, b, same], np.r_[b, a, same], np.r_[d, d, np.zeros(len(values), d.dtype)]
+    ok = np.isin(values, kv)[y]
     x, y, dd = x[ok], y[ok], dd[ok]
-    o = np.lexsort((y, dd, x))
-    x, y, dd = x[o], y[o], dd[o]
+    candidate = kept_rows[kfirst[np.searchsorted(kv, values[y])]]
+    uniq = np.unique(candidate)
+    rank = np.empty(len(uniq), np.int64)
+    rank[rule.order(uniq)] = np.arange(len(uniq))
+    o = np.lexsort((rank[np.searchsorted(uniq, candidate)], dd, x))
+    x, dd, candidate = x[o], dd[o], candidate[o]
     head = np.r_[True, x[1:] != x[:-1]] if len(x) else np.zeros(0, bool)
     nearest = np.full(len(values), NONE, np.int64)
     near_d = np.zeros(len(values), np.int16)
-    nearest[x[head]] = kept_rows[kfirst[np.searchsorted(kv, values[y[head]])]]
+    nearest[x[head]] = candidate[head]
     near_d[x[head]] = dd[head]
     pos = np.searchsorted(values, phash[left])
     target[left] = nearest[pos]

@@ -45,12 +45,18 @@ def near_pair_proposals(phash: np.ndarray, phash_mirror: np.ndarray | None, radi
     """
     if not 0 <= radius <= MAX_RADIUS:
         raise PlantmixError(f"dedup: phash radius must be within 0..{MAX_RADIUS}, got {radius}")
-    values, first = np.unique(np.asarray(phash, np.uint64), return_index=True)
+    phash = np.asarray(phash, np.uint64)
+    values = np.unique(phash)
     u = len(values)
-    search = values if phash_mirror is None else np.concatenate([values, np.asarray(phash_mirror, np.uint64)[first]])
+    if phash_mirror is None:
+        search, owner = values, np.arange(u)
+    else:  # every distinct (hash, mirror hash) of the images, each mirror owned by its image's hash
+        both = np.unique(np.stack([phash, np.asarray(phash_mirror, np.uint64)], axis=1), axis=0)
+        search = np.concatenate([values, both[:, 1]])
+        owner = np.concatenate([np.arange(u), np.searchsorted(values, both[:, 0])])
     a, b = near_pairs(search, radius)
     dist = popcount64(search[a] ^ search[b])
-    a, b = a % u, b % u
+    a, b = owner[a], owner[b]
     keep = a != b  # an image near its own mirror is symmetric, not a duplicate
     lo, hi, dist = np.minimum(a, b)[keep], np.maximum(a, b)[keep], dist[keep]
     order = np.lexsort((dist, hi, lo))  # per pair, the smallest distance first

@@ -110,5 +110,5 @@ def join_stage(ctx) -> Stage:
 
     return Stage(
         "join", "downloads and hashes onto candidates", ctx.path("stages", "joined.parquet"),
-        lambda: join_manifest(candidates, ctx.build_dir), inputs=inputs, version=2,
+        lambda: join_manifest(candidates, ctx.build_dir), inputs=inputs, version=3,
     )  # fmt: skip
