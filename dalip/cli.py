@@ -39,7 +39,7 @@ def train(
     runs_dir: Optional[Path] = typer.Option(None, "--runs-dir"),
     model: Optional[str] = typer.Option(None, "--model", help="open_clip model or dalip config (dalip-tiny)."),
     pretrained: Optional[str] = typer.Option(None, "--pretrained", help="open_clip tag or local base-model checkpoint."),
-    caption_field: Optional[str] = typer.Option(None, "--caption-field", help="txt or a .json key; comma = fallbacks."),
+    caption_field: Optional[str] = typer.Option(None, "--caption-field", help="txt, a .json key, or captions (one of the group's captions per epoch, else txt); comma = fallbacks. [txt]"),
     resampled: Optional[bool] = typer.Option(None, "--resampled/--epochs-mode", help="Draw shards with replacement."),
     train_num_samples: Optional[int] = typer.Option(None, "--train-num-samples"),
     workers: Optional[int] = typer.Option(None, "--workers"),
