@@ -136,6 +136,33 @@ def _listed_counts(shard_dir: Path) -> dict[str, int]:
     return {}
 
 
+MIX_SUMMARY_KEYS = ("name", "mix_fingerprint", "recipe_hash", "samples", "num_shards", "plant_share", "seed", "format")
+
+
+def describe_sources(sources: Sequence[Sequence[str]]) -> list[dict[str, Any]]:
+    """What a run trains on, per `::` source: its shards' listing fingerprint and, for a plantmix mix,
+    the summary of its `dataset.json` (mix fingerprint, recipe hash, counts per domain and source)."""
+    out = []
+    for urls in sources:
+        entry: dict[str, Any] = {"shards": len(urls), "first": urls[0] if urls else None}
+        local = [Path(u) for u in urls if not _is_remote(u)]
+        listing = sorted(f"{p.name}:{p.stat().st_size}" for p in local if p.is_file())
+        entry["listing_fingerprint"] = hashlib.sha256("\n".join(listing).encode()).hexdigest()
+        dirs = [local[0].parent.parent, local[0].parent] if local else []  # a mix dir holds shards/ and dataset.json
+        card = next((d / "dataset.json" for d in dirs if (d / "dataset.json").is_file()), None)
+        if card is not None:
+            try:
+                meta = json.loads(card.read_text())
+            except ValueError:
+                meta = {}
+            entry["dataset_json"] = str(card)
+            entry.update({k: meta[k] for k in MIX_SUMMARY_KEYS if k in meta})
+            counts = meta.get("counts") or {}
+            entry["counts"] = {k: counts[k] for k in ("domain", "source") if k in counts}
+        out.append(entry)
+    return out
+
+
 def count_tar_samples(path: str | Path) -> int:
     """Number of samples (keys with an image member) in a local tar, reading headers only."""
     keys = set()
