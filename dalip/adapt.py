@@ -28,7 +28,7 @@ import torch
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
 from dalip.atomic import write_text_atomic
-from dalip.data import _seed
+from dalip.data import stable_seed
 from dalip.encoders import Encoder, fingerprint_of, load_encoder
 from dalip.errors import DalipError
 from dalip.fewshot import METHOD_LABELS, METHODS, Task, accuracy
@@ -131,7 +131,7 @@ def make_test_split(embedded: Embedded, fraction: float, seed: int) -> tuple[lis
     """(pool, test) indices: per class, a seeded share of its distinct images (all copies together)."""
     pool, test = [], []
     for c, groups in sorted(_groups_by_class(embedded.sha256, embedded.labels).items()):
-        groups.sort(key=lambda g: _seed(seed, "test-split", embedded.sha256[g[0]]))
+        groups.sort(key=lambda g: stable_seed(seed, "test-split", embedded.sha256[g[0]]))
         n_test = min(len(groups) - 1, max(1, round(fraction * len(groups)))) if len(groups) > 1 else 0
         for j, members in enumerate(groups):
             (test if j < n_test else pool).extend(members)
@@ -148,7 +148,7 @@ def fold_orders(pool: list[int], labels: torch.Tensor, folds: int, seed: int) ->
         fold = {}
         for c, members in sorted(by_class.items()):
             members = list(members)
-            random.Random(_seed(seed, "fold", f, c)).shuffle(members)
+            random.Random(stable_seed(seed, "fold", f, c)).shuffle(members)
             fold[c] = members
         orders.append(fold)
     return orders
@@ -219,7 +219,7 @@ def run_adapt(model: str | Path, cfg: AdaptConfig, out_dir: Path) -> dict[str, A
         for k in cfg.shots:
             support = [i for c in sorted(order) for i in order[c][:k]]
             fold_split[str(k)] = [data.sha256[i] for i in support]
-            task = Task(feats[support], data.labels[support], test_feats, text, seed=_seed(cfg.seed, "train", f, k) % 2**31)
+            task = Task(feats[support], data.labels[support], test_feats, text, seed=stable_seed(cfg.seed, "train", f, k) % 2**31)
             for method in cfg.methods:
                 logits, chosen = METHODS[method](task)
                 entry = results[method].setdefault(str(k), {"per_fold": [], "chosen": []})

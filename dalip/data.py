@@ -265,7 +265,7 @@ def decode_caption(sample: dict[str, Any], fields: Sequence[str], draw: tuple | 
             if options:
                 if draw is None:
                     return options[0]
-                return random.Random(_seed(*draw, "caption", sample.get("__key__"))).choice(options)
+                return random.Random(stable_seed(*draw, "caption", sample.get("__key__"))).choice(options)
             continue
         value = None if value is None else str(value).strip()
         if value:
@@ -290,7 +290,7 @@ def parse_caption_field(spec: str) -> tuple[str, ...]:
 # Deterministic streams
 
 
-def _seed(*parts: object) -> int:
+def stable_seed(*parts: object) -> int:
     """A 63-bit seed from any parts, stable across processes and machines (unlike hash())."""
     digest = hashlib.sha256(":".join(map(str, parts)).encode()).digest()
     return int.from_bytes(digest[:8], "little") & (2**63 - 1)
@@ -323,7 +323,7 @@ class Segment:
 def _epoch_segments(spec: StreamSpec, epoch: int, stream: int) -> Iterator[Segment]:
     """Stream `stream`'s run of the epoch's sample sequence, then on cyclically (see module doc)."""
     order = list(range(len(spec.shards)))
-    random.Random(_seed(spec.seed, "order", epoch)).shuffle(order)
+    random.Random(stable_seed(spec.seed, "order", epoch)).shuffle(order)
     sizes = [spec.shard_sizes[i] for i in order]
     total = sum(sizes)
     if total == 0:
@@ -336,7 +336,7 @@ def _epoch_segments(spec: StreamSpec, epoch: int, stream: int) -> Iterator[Segme
             if size and (not first or pos < at + size):
                 start = pos - at if first else 0
                 first = False
-                seed = _seed(spec.seed, "shuffle", epoch, spec.shards[i])
+                seed = stable_seed(spec.seed, "shuffle", epoch, spec.shards[i])
                 yield Segment(spec.shards[i], seed, start)
             at += size
 
@@ -350,10 +350,10 @@ def segments(spec: StreamSpec, epoch: int, stream: int) -> Iterator[Segment]:
     if not spec.resampled:
         yield from _epoch_segments(spec, epoch, stream)
         return
-    rng = random.Random(_seed(spec.seed, "resample", epoch, stream))
+    rng = random.Random(stable_seed(spec.seed, "resample", epoch, stream))
     for ordinal in itertools.count():
         url = rng.choices(spec.shards, weights=spec.shard_weights)[0]
-        yield Segment(url, _seed(spec.seed, "shuffle", epoch, stream, ordinal))
+        yield Segment(url, stable_seed(spec.seed, "shuffle", epoch, stream, ordinal))
 
 
 @dataclass
@@ -420,7 +420,7 @@ class SampleStream:
                 image = decode_image(sample)
                 # Augmentation depends on the sample's position only, not on what ran before.
                 with torch.random.fork_rng(devices=[]):
-                    torch.manual_seed(_seed(self.spec.seed, "augment", self.epoch, self.stream, ordinal, index))
+                    torch.manual_seed(stable_seed(self.spec.seed, "augment", self.epoch, self.stream, ordinal, index))
                     tensor = self.transform(image)
             except Exception as e:  # noqa: BLE001 - any undecodable sample is skipped, never fatal
                 self.state.bad_samples += 1

@@ -14,9 +14,10 @@ are used and recorded as such.
   cache of the others), (α, β) from the Tip-Adapter search.
 * DAC (Gondal et al., 2024, from the paper's description): a residual MLP image adapter (zero-initialised
   output, so it starts as the identity) trained with a supervised image–image contrastive loss, plus a
-  per-class residual on the text embeddings regularised towards the originals, trained with the
-  image–text cross-entropy; predictions add an intra-modal cache on the adapted features. The
-  regularisation weight and the cache weight are chosen on the support split.
+  per-class residual on the text embeddings, trained with the image–text cross-entropy; one weight
+  regularises both towards the frozen model (squared drift of the text embeddings and of the adapted
+  image features). Predictions add an intra-modal cache on the adapted features. The regularisation
+  weight and the cache weight are chosen on the support split.
 """
 
 from __future__ import annotations
@@ -38,7 +39,7 @@ PROBE_CS = (0.01, 0.1, 1.0, 10.0, 100.0)
 PROBE_DEFAULT_C = 1.0
 TIP_F_STEPS, TIP_F_LR = 200, 1e-3
 DAC_STEPS, DAC_LR, DAC_TEMPERATURE = 200, 1e-3, 0.1
-DAC_REGS = (0.1, 1.0, 10.0)
+DAC_REGS = (0.1, 1.0, 10.0, 100.0)  # large: adapter and text stay near the frozen model
 DAC_CACHE_ALPHAS = (0.0, 1.0, 2.0)
 DAC_DEFAULT = (1.0, 1.0)  # (text regularisation, cache weight) when the support set cannot be split
 
@@ -223,7 +224,8 @@ def train_dac(support: torch.Tensor, labels: torch.Tensor, text: torch.Tensor, r
         z = head.image(support)
         inter = F.cross_entropy(LOGIT_SCALE * z @ head.classes().T, labels)
         intra = supervised_contrastive(z, labels, DAC_TEMPERATURE)
-        loss = inter + intra + reg * head.delta.pow(2).sum(dim=1).mean()
+        drift = head.delta.pow(2).sum(dim=1).mean() + (z - support).pow(2).sum(dim=1).mean()
+        loss = inter + intra + reg * drift
         optimizer.zero_grad()
         loss.backward()
         optimizer.step()

@@ -87,7 +87,8 @@ def write_shape_shards(
                     meta["captions"] = [f"{key} caption {j}" for j in range(group_captions)]
                 sink.write({"__key__": key, "jpg": jpeg(shape_image(colour, shape, rng)), "txt": caption.encode(), "json": json.dumps(meta).encode()})
         counts[name] = per_shard
-    (Path(out) / "dataset.json").write_text(json.dumps({"samples": sum(counts.values()), "counts": {"shard": counts}}))
+    card = {"name": Path(out).name, "samples": sum(counts.values()), "counts": {"shard": counts}, "mix_fingerprint": f"shapes-{seed}-{num_shards}x{per_shard}"}
+    (Path(out) / "dataset.json").write_text(json.dumps(card))
     return shard_dir
 
 
@@ -298,4 +299,9 @@ def test_group_captions_are_drawn_per_sample_and_epoch(tmp_path):
     assert epoch(0) == first  # deterministic
     assert sorted(epoch(0, phases=2, num_workers=2)) == sorted(first)  # the draw ignores the data layout
     assert epoch(1) != first  # a new draw next epoch
+    data = _data(shards, caption_field="captions", phases=2, num_workers=2)
+    full, _ = _keys(data)
+    head, position = _keys(data, limit=1)
+    tail, _ = _keys(_data(shards, caption_field="captions", phases=2, num_workers=2), DataPosition.from_state_dict(position.state_dict(data.dataset.owned_streams())))
+    assert head + tail == full  # exact under resume
     assert len({c for c in first if " caption " in c} ^ {c for c in epoch(1) if " caption " in c}) > 0

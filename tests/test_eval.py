@@ -199,7 +199,8 @@ def test_eval_layouts_chance_per_class_and_results_kept_per_step(trained, tmp_pa
     matrix = torch.tensor(z["folder"]["confusion"]["matrix"])
     assert matrix.sum() == 12 and matrix.diagonal().sum() / 12 == pytest.approx(z["folder"]["combined"]["top1"])
     assert len(results["model_fingerprint"]) == 64 and results["step"] == 2
-    assert results["train_data"][0]["samples"] == 32 and results["train_data"][0]["shards"] == 2
+    seen = results["train_data"][0]  # from the checkpoint's meta: the mix it trained on
+    assert (seen["samples"], seen["shards"], seen["mix_fingerprint"]) == (32, 2, "shapes-0-2x16")
 
     out = tmp_path / "eval"
     json_path, _ = write_results(results, out)
