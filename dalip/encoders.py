@@ -8,6 +8,7 @@
 * an open_clip architecture name, `ARCH` (random init, seeded) or `ARCH:PATH` (a local checkpoint).
 
 Nothing is fetched from a hub. Every encoder carries a fingerprint: the sha256 of its weight files.
+(Importing dalip.model registers dalip's own architectures, such as dalip-tiny, with open_clip.)
 """
 
 from __future__ import annotations
@@ -25,6 +26,7 @@ import torch
 import torch.nn.functional as F
 
 from dalip.errors import DalipError
+from dalip.model import CONFIG_KEYS
 
 WEIGHT_FILES = ("open_clip_model.safetensors", "open_clip_pytorch_model.bin")
 HF_CONFIG_FILE = "open_clip_config.json"
@@ -81,6 +83,13 @@ def _dalip_checkpoint(path: Path, device) -> Encoder:
     return Encoder(model, preprocess, tokenizer, True, info)
 
 
+def _register(arch: str, model_cfg: dict[str, Any]) -> None:
+    with tempfile.TemporaryDirectory() as tmp:
+        path = Path(tmp) / f"{arch}.json"
+        path.write_text(json.dumps(model_cfg))
+        open_clip.add_model_config(path)
+
+
 def _register_config(directory: Path) -> tuple[str, dict[str, Any]]:
     """(architecture name, preprocess options) of an export directory, its config registered."""
     hf = directory / HF_CONFIG_FILE
@@ -89,18 +98,17 @@ def _register_config(directory: Path) -> tuple[str, dict[str, Any]]:
         model_cfg = data.get("model_cfg")
         if not isinstance(model_cfg, dict):
             raise DalipError(f"{hf}: no model_cfg")
-        arch = json.loads((directory / DALIP_EXPORT_FILE).read_text())["arch"] if (directory / DALIP_EXPORT_FILE).is_file() else None
-        if arch is None or open_clip.get_model_config(arch) is None:
-            arch = arch or f"local-{hashlib.sha256(json.dumps(model_cfg, sort_keys=True).encode()).hexdigest()[:12]}"
-            with tempfile.TemporaryDirectory() as tmp:
-                (Path(tmp) / f"{arch}.json").write_text(json.dumps(model_cfg))
-                open_clip.add_model_config(Path(tmp) / f"{arch}.json")
+        exported = directory / DALIP_EXPORT_FILE
+        # The hub layout has no architecture name: a dalip export names it, else the config's hash does.
+        arch = json.loads(exported.read_text())["arch"] if exported.is_file() else None
+        arch = arch or f"local-{hashlib.sha256(json.dumps(model_cfg, sort_keys=True).encode()).hexdigest()[:12]}"
+        if open_clip.get_model_config(arch) is None:
+            _register(arch, model_cfg)
         pre = data.get("preprocess_cfg") or {}
         return arch, {k: v for k, v in (("image_mean", pre.get("mean")), ("image_std", pre.get("std"))) if v}
-    configs = [p for p in sorted(directory.glob("*.json")) if p.name != DALIP_EXPORT_FILE]
-    for config in configs:
-        data = json.loads(config.read_text())
-        if isinstance(data, dict) and all(k in data for k in ("embed_dim", "vision_cfg", "text_cfg")):
+    for config in sorted(directory.glob("*.json")):
+        data = json.loads(config.read_text()) if config.name != DALIP_EXPORT_FILE else None
+        if isinstance(data, dict) and all(k in data for k in CONFIG_KEYS):
             open_clip.add_model_config(config)
             return config.stem, {}
     raise DalipError(f"{directory}: no model config ({HF_CONFIG_FILE} or <arch>.json with embed_dim, vision_cfg, text_cfg)")
@@ -153,8 +161,6 @@ def _open_clip_arch(spec: str, device) -> Encoder:
 
 def load_encoder(spec: str | Path, device: str | torch.device = "cpu") -> Encoder:
     """An Encoder from a dalip run/checkpoint, an export directory, or an open_clip ARCH[:PATH]."""
-    import dalip.model  # noqa: F401 - registers dalip's model configs with open_clip
-
     path = Path(spec)
     if path.is_dir():
         if (path / "meta.json").is_file() or (path / "checkpoints").is_dir():
