@@ -186,3 +186,17 @@ def test_adapt_errors_are_one_line(open_clip_export, tmp_path, monkeypatch, caps
         lines = [line for line in err.splitlines() if line.startswith("error:")]
         assert code == 2 and len(lines) == 1 and message in lines[0], (extra, err)
         assert "Traceback" not in err
+
+
+def test_eval_on_a_plain_open_clip_export_scores_first_order(open_clip_export, tmp_path, monkeypatch, capsys):
+    data = _folder(tmp_path / "shapes", duplicates=False)
+    out = tmp_path / "eval"
+    code, err = _run(["eval", open_clip_export, "--imagefolder", data, "--out", out], monkeypatch, capsys)
+    assert code == 0, err
+    kept = list(out.glob("model_*/results.json"))
+    assert len(kept) == 1  # no checkpoint step: kept under the model's fingerprint
+    results = json.loads(kept[0].read_text())
+    shapes = results["zero_shot"]["shapes"]
+    assert set(shapes["per_class"]) == {"first"} and "second" not in shapes and "top5" not in shapes["first"]
+    table = (out / "results.md").read_text().splitlines()
+    assert [line.split(" |")[0] for line in table[2:]] == [f"| {results['label']} (first-order)", "| Chance"]
