@@ -20,7 +20,9 @@ import math
 import os
 import random
 import statistics
+import sys
 import time
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal, Optional
 
@@ -185,6 +187,56 @@ def _align_test(train: Embedded, test: Embedded) -> torch.Tensor:
     return torch.tensor([index[test.classes[int(y)]] for y in test.labels], dtype=torch.long)
 
 
+@dataclass
+class TestSplit:
+    pool: list[int]  # dataset indices the supports are drawn from
+    features: torch.Tensor
+    labels: torch.Tensor
+    sha256: list[str]
+    info: dict[str, Any]
+
+
+def _test_split(encoder: Encoder, data: Embedded, feats: torch.Tensor, cfg: AdaptConfig, device, cache_dir: Path) -> TestSplit:
+    """The given test set (its images removed from the pool) or a seeded split of the dataset."""
+    if cfg.test is None:
+        pool, test_idx = make_test_split(data, cfg.test_fraction, cfg.seed)
+        info = {"source": f"seeded split (fraction {cfg.test_fraction}, seed {cfg.seed})", "num_samples": len(test_idx)}
+        return TestSplit(pool, feats[test_idx], data.labels[test_idx], [data.sha256[i] for i in test_idx], info)
+    test_set, _ = cached_embedding(encoder, cfg.test, cfg, device, cache_dir)
+    held = set(test_set.sha256)
+    pool = [i for i, h in enumerate(data.sha256) if h not in held]
+    info = {**describe(test_set), "source": "given", "removed_from_pool": len(data.sha256) - len(pool)}
+    features = select_features(test_set.z1, test_set.z2, cfg.features, cfg.alpha, "image")
+    return TestSplit(pool, features, _align_test(data, test_set), test_set.sha256, info)
+
+
+def _run_folds(data: Embedded, feats: torch.Tensor, text: torch.Tensor, split: TestSplit, cfg: AdaptConfig):
+    """(results per method and shot count, splits.json content)."""
+    from rich.progress import track
+
+    orders = fold_orders(split.pool, data.labels, cfg.folds, cfg.seed)
+    results: dict[str, dict[str, Any]] = {m: {} for m in cfg.methods}
+    splits: dict[str, Any] = {"test": split.sha256, "folds": [{} for _ in orders]}
+    jobs = [(f, k) for f in range(len(orders)) for k in cfg.shots]
+    for f, k in track(jobs, description="adapt", disable=not sys.stderr.isatty(), console=None):
+        support = [i for c in sorted(orders[f]) for i in orders[f][c][:k]]
+        splits["folds"][f][str(k)] = [data.sha256[i] for i in support]
+        task = Task(feats[support], data.labels[support], split.features, text, seed=stable_seed(cfg.seed, "train", f, k) % 2**31)
+        for method in cfg.methods:
+            logits, chosen = METHODS[method](task)
+            entry = results[method].setdefault(str(k), {"per_fold": [], "chosen": []})
+            entry["per_fold"].append(accuracy(logits.float(), split.labels))
+            entry["chosen"].append(chosen)
+        if k == cfg.shots[-1]:
+            log.info("fold %d/%d done", f + 1, cfg.folds)
+    for by_shot in results.values():
+        for entry in by_shot.values():
+            runs = entry["per_fold"]
+            entry["mean"] = statistics.fmean(runs)
+            entry["std"] = statistics.stdev(runs) if len(runs) > 1 else 0.0
+    return results, splits
+
+
 def run_adapt(model: str | Path, cfg: AdaptConfig, out_dir: Path) -> dict[str, Any]:
     """Run every method at every shot count over the folds; writes the outputs and returns adapt.json."""
     started = time.perf_counter()
@@ -194,49 +246,15 @@ def run_adapt(model: str | Path, cfg: AdaptConfig, out_dir: Path) -> dict[str, A
     data, (w1, w2) = cached_embedding(encoder, cfg.dataset, cfg, device, out_dir / "features")
     text = select_features(w1, w2, cfg.features, cfg.alpha, "text")
     feats = select_features(data.z1, data.z2, cfg.features, cfg.alpha, "image")
-    if cfg.test is not None:
-        test_set, _ = cached_embedding(encoder, cfg.test, cfg, device, out_dir / "features")
-        test_feats = select_features(test_set.z1, test_set.z2, cfg.features, cfg.alpha, "image")
-        test_labels, test_sha = _align_test(data, test_set), test_set.sha256
-        held = set(test_sha)
-        pool = [i for i, h in enumerate(data.sha256) if h not in held]
-        removed = len(data.sha256) - len(pool)
-        test_info = {**describe(test_set), "source": "given", "removed_from_pool": removed}
-    else:
-        pool, test_idx = make_test_split(data, cfg.test_fraction, cfg.seed)
-        test_feats, test_labels = feats[test_idx], data.labels[test_idx]
-        test_sha = [data.sha256[i] for i in test_idx]
-        test_info = {"source": f"seeded split (fraction {cfg.test_fraction}, seed {cfg.seed})", "num_samples": len(test_idx)}
-    _check_layout(data, pool, cfg.shots)
-    if not len(test_labels):
+    split = _test_split(encoder, data, feats, cfg, device, out_dir / "features")
+    _check_layout(data, split.pool, cfg.shots)
+    if not len(split.labels):
         raise DalipError(f"dataset {data.name}: the test split is empty (each class needs at least 2 distinct images)")
-
-    orders = fold_orders(pool, data.labels, cfg.folds, cfg.seed)
-    results: dict[str, dict[str, Any]] = {m: {} for m in cfg.methods}
-    splits: dict[str, Any] = {"test": test_sha, "folds": []}
-    for f, order in enumerate(orders):
-        fold_split = {}
-        for k in cfg.shots:
-            support = [i for c in sorted(order) for i in order[c][:k]]
-            fold_split[str(k)] = [data.sha256[i] for i in support]
-            task = Task(feats[support], data.labels[support], test_feats, text, seed=stable_seed(cfg.seed, "train", f, k) % 2**31)
-            for method in cfg.methods:
-                logits, chosen = METHODS[method](task)
-                entry = results[method].setdefault(str(k), {"per_fold": [], "chosen": []})
-                entry["per_fold"].append(accuracy(logits.float(), test_labels))
-                entry["chosen"].append(chosen)
-        splits["folds"].append(fold_split)
-        log.info("fold %d/%d done", f + 1, cfg.folds)
-    for by_shot in results.values():
-        for entry in by_shot.values():
-            runs = entry["per_fold"]
-            entry["mean"] = statistics.fmean(runs)
-            entry["std"] = statistics.stdev(runs) if len(runs) > 1 else 0.0
-
+    results, splits = _run_folds(data, feats, text, split, cfg)
     report = {
         "model": encoder.info,
         "dataset": describe(data),
-        "test": test_info,
+        "test": split.info,
         "features": cfg.features,
         "alpha": cfg.alpha if cfg.features == "combined" else None,
         "shots": cfg.shots,
@@ -244,8 +262,8 @@ def run_adapt(model: str | Path, cfg: AdaptConfig, out_dir: Path) -> dict[str, A
         "seed": cfg.seed,
         "num_classes": data.num_classes,
         "chance": 1 / data.num_classes,
-        "pool_size": len(pool),
-        "test_size": len(test_labels),
+        "pool_size": len(split.pool),
+        "test_size": len(split.labels),
         "results": results,
         "seconds": round(time.perf_counter() - started, 1),
     }
@@ -260,12 +278,12 @@ def run_adapt(model: str | Path, cfg: AdaptConfig, out_dir: Path) -> dict[str, A
 def adapt_table(report: dict[str, Any]) -> str:
     """Markdown: one row per method, one column per shot count, top-1 % mean ± std over folds."""
     shots = report["shots"]
-    head = f"| Method | " + " | ".join(f"{k}-shot" for k in shots) + " |"
+    head = "| Method | " + " | ".join(f"{k}-shot" for k in shots) + " |"
     lines = [head, "|---|" + "---:|" * len(shots)]
     for method, by_shot in report["results"].items():
         cells = [f"{100 * by_shot[str(k)]['mean']:.1f} ± {100 * by_shot[str(k)]['std']:.1f}" for k in shots]
         lines.append(f"| {METHOD_LABELS[method]} | " + " | ".join(cells) + " |")
-    lines.append(f"| Chance | " + " | ".join(f"{100 * report['chance']:.1f}" for _ in shots) + " |")
+    lines.append("| Chance | " + " | ".join(f"{100 * report['chance']:.1f}" for _ in shots) + " |")
     model, data = report["model"], report["dataset"]
     caption = (
         f"Top-1 accuracy (%) on {data['name']} ({report['num_classes']} classes, {report['test_size']} test images, "
