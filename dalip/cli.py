@@ -39,7 +39,7 @@ def train(
     runs_dir: Optional[Path] = typer.Option(None, "--runs-dir"),
     model: Optional[str] = typer.Option(None, "--model", help="open_clip model or dalip config (dalip-tiny)."),
     pretrained: Optional[str] = typer.Option(None, "--pretrained", help="open_clip tag or local base-model checkpoint."),
-    caption_field: Optional[str] = typer.Option(None, "--caption-field", help="txt, a .json key, or captions (one of the group's captions per epoch, else txt); comma = fallbacks. [txt]"),
+    caption_field: Optional[str] = typer.Option(None, "--caption-field", help="txt, a .json key, or captions (one of the group's captions per epoch, else txt); comma = fallbacks; default: txt."),
     resampled: Optional[bool] = typer.Option(None, "--resampled/--epochs-mode", help="Draw shards with replacement."),
     train_num_samples: Optional[int] = typer.Option(None, "--train-num-samples"),
     workers: Optional[int] = typer.Option(None, "--workers"),
@@ -97,7 +97,7 @@ def eval_(
     workers: Optional[int] = typer.Option(None, "--workers"),
     device: Optional[str] = typer.Option(None, "--device"),
     label: Optional[str] = typer.Option(None, "--label", help="Row label in the table [run name]."),
-    out: Optional[Path] = typer.Option(None, "--out", "-o", help="Output dir; results kept per checkpoint step in step_NNNNNNNN/ [run dir/eval, else eval/<model>]."),
+    out: Optional[Path] = typer.Option(None, "--out", "-o", help="Output dir; results kept per checkpoint step in step_NNNNNNNN/; default: the run dir's eval/, else eval/MODEL."),
 ) -> None:
     """Zero-shot top-1 (top-5 with more than 5 classes), per-class accuracy, confusion PNGs and retrieval R@K;
     writes results.json and a paper-style results.md per checkpoint step."""
@@ -142,7 +142,7 @@ def _split_list(text: str, what: str, cast=str) -> list:
 def adapt(
     model: str = typer.Argument(..., help="A dalip run, checkpoint or export directory, an open_clip export directory, or ARCH[:PATH]."),
     dataset: str = typer.Option(..., "--dataset", help="Path, or name=..,path=..,kind=..,classnames=..,class_field=..,templates=..; ImageFolder, shards, CLIP_benchmark or csv."),
-    test: Optional[str] = typer.Option(None, "--test", help="Explicit test split (same syntax) [a seeded split of --dataset]."),
+    test: Optional[str] = typer.Option(None, "--test", help="Explicit test split (same syntax); default: a seeded split of --dataset."),
     shots: str = typer.Option("1,2,4,8,16", "--shots", help="Labelled images per class."),
     folds: int = typer.Option(5, "--folds", help="Support sets drawn per shot count, each with its own seed."),
     methods: str = typer.Option("zero-shot,linear-probe,tip,tip-f,dac", "--methods", help="Comma-separated methods."),
