@@ -26,8 +26,8 @@ import safetensors.torch
 import torch
 from safetensors import SafetensorError
 
+from dalip.atomic import atomic_path
 from dalip.errors import CheckpointError
-from plantmix.core.stage import atomic_path
 
 MODEL_FILE = "model.safetensors"
 STATE_FILE = "state.pt"

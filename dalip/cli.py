@@ -39,7 +39,7 @@ def train(
     runs_dir: Optional[Path] = typer.Option(None, "--runs-dir"),
     model: Optional[str] = typer.Option(None, "--model", help="open_clip model or dalip config (dalip-tiny)."),
     pretrained: Optional[str] = typer.Option(None, "--pretrained", help="open_clip tag or local base-model checkpoint."),
-    caption_field: Optional[str] = typer.Option(None, "--caption-field", help="txt or a .json key; comma = fallbacks."),
+    caption_field: Optional[str] = typer.Option(None, "--caption-field", help="txt, a .json key, or captions (one of the group's captions per epoch, else txt); comma = fallbacks; default: txt."),
     resampled: Optional[bool] = typer.Option(None, "--resampled/--epochs-mode", help="Draw shards with replacement."),
     train_num_samples: Optional[int] = typer.Option(None, "--train-num-samples"),
     workers: Optional[int] = typer.Option(None, "--workers"),
@@ -86,7 +86,7 @@ def train(
 
 @app.command("eval")
 def eval_(
-    checkpoint: Path = typer.Argument(..., help="A run directory (its latest checkpoint) or a checkpoint directory."),
+    checkpoint: str = typer.Argument(..., help="A dalip run (its latest checkpoint), checkpoint or export directory, an open_clip export directory, or an open_clip ARCH[:PATH]."),
     config: Optional[Path] = typer.Option(None, "--config", "-c", help="YAML: datasets, retrieval, alpha, ..."),
     imagefolder: List[str] = typer.Option([], "--imagefolder", help="ImageFolder dir (classnames.json inside is used)."),
     domain: str = typer.Option("plant", "--domain", help="Domain of the --imagefolder sets: plant or general."),
@@ -97,9 +97,10 @@ def eval_(
     workers: Optional[int] = typer.Option(None, "--workers"),
     device: Optional[str] = typer.Option(None, "--device"),
     label: Optional[str] = typer.Option(None, "--label", help="Row label in the table [run name]."),
-    out: Optional[Path] = typer.Option(None, "--out", "-o", help="Output dir for results.json/.md [run dir/eval]."),
+    out: Optional[Path] = typer.Option(None, "--out", "-o", help="Output dir; results kept per checkpoint step in step_NNNNNNNN/; default: the run dir's eval/, else eval/MODEL."),
 ) -> None:
-    """Zero-shot top-1/top-5 and retrieval R@K; writes results.json and a paper-style results.md."""
+    """Zero-shot top-1 (top-5 with more than 5 classes), per-class accuracy, confusion PNGs and retrieval R@K;
+    writes results.json and a paper-style results.md per checkpoint step."""
     import yaml
     from pydantic import ValidationError
 
@@ -123,11 +124,57 @@ def eval_(
     cfg.retrieval += [parse_spec(s, RetrievalSpec) for s in retrieval]
     results = evaluate(checkpoint, cfg, label=label)
     if out is None:
-        run_dir = Path(results["checkpoint"]).parent.parent
-        out = run_dir / "eval"
+        is_checkpoint = results["model_kind"] == "dalip-checkpoint"
+        out = Path(results["checkpoint"]).parent.parent / "eval" if is_checkpoint else Path("eval") / results["label"]
     json_path, md_path = write_results(results, out)
     print(md_path.read_text())
     console.print(f"wrote {json_path} and {md_path}")
+
+
+def _split_list(text: str, what: str, cast=str) -> list:
+    try:
+        return [cast(x.strip()) for x in text.split(",") if x.strip()]
+    except ValueError:
+        raise DalipError(f"{what}: expected a comma-separated list, got {text!r}") from None
+
+
+@app.command()
+def adapt(
+    model: str = typer.Argument(..., help="A dalip run, checkpoint or export directory, an open_clip export directory, or ARCH[:PATH]."),
+    dataset: str = typer.Option(..., "--dataset", help="Path, or name=..,path=..,kind=..,classnames=..,class_field=..,templates=..; ImageFolder, shards, CLIP_benchmark or csv."),
+    test: Optional[str] = typer.Option(None, "--test", help="Explicit test split (same syntax); default: a seeded split of --dataset."),
+    shots: str = typer.Option("1,2,4,8,16", "--shots", help="Labelled images per class."),
+    folds: int = typer.Option(5, "--folds", help="Support sets drawn per shot count, each with its own seed."),
+    methods: str = typer.Option("zero-shot,linear-probe,tip,tip-f,dac", "--methods", help="Comma-separated methods."),
+    features: str = typer.Option("first", "--features", help="first, second or combined (second and combined: DALIP models only)."),
+    alpha: float = typer.Option(0.5, "--alpha", help="Weight of the first order in combined features."),
+    test_fraction: float = typer.Option(0.5, "--test-fraction", help="Share of each class held out as test when there is no --test."),
+    seed: int = typer.Option(0, "--seed", help="Seed of the test split and of the folds."),
+    batch_size: int = typer.Option(64, "--batch-size", help="Images per forward pass when computing features."),
+    workers: int = typer.Option(0, "--workers", help="DataLoader workers when computing features."),
+    device: str = typer.Option("auto", "--device", help="auto, cpu, cuda, cuda:N."),
+    out: Path = typer.Option(..., "--out", "-o", help="Output dir: adapt.json, adapt.md, adapt.png, splits.json, features/ (cache)."),
+) -> None:
+    """Few-shot adaptation of a frozen model (DAC, Tip-Adapter, Tip-Adapter-F, linear probe, zero-shot)."""
+    from pydantic import ValidationError
+
+    from dalip.adapt import AdaptConfig, run_adapt
+    from dalip.evaluate import DatasetSpec, parse_spec
+
+    _setup_logging()
+    values = dict(
+        shots=_split_list(shots, "--shots", int), methods=_split_list(methods, "--methods"), folds=folds,
+        features=features, alpha=alpha, test_fraction=test_fraction, seed=seed, batch_size=batch_size,
+        workers=workers, device=device,
+    )  # fmt: skip
+    try:
+        cfg = AdaptConfig(dataset=parse_spec(dataset, DatasetSpec), test=parse_spec(test, DatasetSpec) if test else None, **values)
+    except ValidationError as e:
+        first = e.errors()[0]
+        raise DalipError(f"--{'.'.join(map(str, first['loc'])).replace('_', '-')}: {first['msg'].removeprefix('Value error, ')}") from None
+    report = run_adapt(model, cfg, out)
+    print((out / "adapt.md").read_text())
+    console.print(f"wrote {out}/adapt.json, adapt.md, adapt.png ({report['seconds']} s)")
 
 
 @app.command()

@@ -33,7 +33,7 @@ class TrainConfig(BaseModel):
 
     # data (see dalip.data for how the order is fixed)
     train_data: str = Field(..., description="shards: brace pattern, glob, directory; join sources with '::'")
-    caption_field: str = Field("txt", description="txt or a .json key (caption_scientific, ...); comma = fallback")
+    caption_field: str = Field("txt", description="txt, a .json key (caption_scientific, ...) or captions (a list: one drawn per sample per epoch); comma = fallback")
     resampled: bool = Field(False, description="draw shards with replacement instead of epochs")
     source_weights: Optional[list[float]] = Field(None, description="per '::' source, resampled mode only")
     train_num_samples: Optional[int] = Field(None, description="samples per epoch [default: counted]")

@@ -10,16 +10,29 @@ The global batch of micro-step `t` is the concatenation of `slots` equal slices.
 every step with `t mod phases == p`. A stream reads its own sequence of shards, identified by an
 *ordinal* 0, 1, 2, …:
 
-* epoch mode: the shard list is permuted by `(seed, epoch)` and stream `k` takes every
-  `streams`-th shard from position `k`, cycling if it runs short before the epoch's step count;
-* resampled mode: stream `k` draws shards with replacement from a RNG seeded by `(seed, epoch, k)`,
-  weighted per `::`-separated source.
+* epoch mode: the shard list is permuted by `(seed, epoch)`, which lays the epoch's samples out in
+  one sequence (each shard in its shuffled order, below). Stream `k` reads a contiguous run of that
+  sequence exactly as long as the samples it will serve in the epoch, starting where stream `k − 1`'s
+  run ends; so the epoch sees every sample exactly once whatever the shard and stream counts (a
+  shard may be split between two streams). Only the tail past the last full batch (fewer samples
+  than one global batch) waits for a later epoch, as with `drop_last`. A stream that needs more than
+  its run (skipped bad samples, or `--train-num-samples` above the real count) continues cyclically
+  into the following samples. This needs the per-shard counts (`dataset.json` or `sizes.json`, else
+  a header scan).
+* resampled mode: stream `k` draws whole shards with replacement from a RNG seeded by
+  `(seed, epoch, k)`, weighted per `::`-separated source.
 
-Each shard is shuffled in a buffer seeded by `(seed, epoch, k, ordinal)` that does not cross shard
-boundaries, and each sample's augmentation is seeded by its position. So a stream's state is four
-integers — `(ordinal, offset in the shuffled shard, bad samples, bad shards)` — and
-`(seed, epoch, step, stream states)` determines every later sample. Resuming skips whole shards
+The stream reads *segments* (a shard, or a part of one), identified by an ordinal 0, 1, 2, …. Each
+shard is shuffled in a buffer that does not cross shard boundaries, seeded by `(seed, epoch, shard)`
+in epoch mode (two streams sharing a shard cut the same order) and by `(seed, epoch, k, ordinal)` in
+resampled mode; each sample's augmentation is seeded by its position. So a stream's state is four
+integers — `(ordinal, offset in the segment, bad samples, bad shards)` — and
+`(seed, epoch, step, stream states)` determines every later sample. Resuming skips whole segments
 without opening them and replays only the current shard's raw bytes up to the offset (no decoding).
+
+With a `captions` caption field (a list of all valid captions of a duplicate group in the sample's
+`.json`), each sample's caption is drawn from that list per epoch, seeded by `(seed, epoch, key)`:
+deterministic and stateless, so resuming is exact. Samples without the list use their `.txt`.
 
 Ranks own contiguous slots (`slots` must be a multiple of the world size) and DataLoader workers own
 phases (`phases` must be a multiple of the worker count). Who computes a slice never changes what is in
@@ -36,6 +49,7 @@ from __future__ import annotations
 import glob
 import hashlib
 import io
+import itertools
 import json
 import logging
 import random
@@ -59,6 +73,7 @@ log = logging.getLogger(__name__)
 
 IMAGE_EXTS = ("jpg", "jpeg", "png", "webp")
 JSON_CAPTION_FIELDS = ("caption_scientific", "caption_common", "caption_taxonomic", "caption_combined")
+GROUP_CAPTIONS_FIELD = "captions"  # a list in the sample's .json: all valid captions of its duplicate group
 STATE_FIELDS = ("ordinal", "offset", "bad_samples", "bad_shards")  # columns of a stream-state row
 _LOGGED_BAD_PER_STREAM = 5  # log the first few skipped samples per stream; the rest are only counted
 
@@ -121,6 +136,33 @@ def _listed_counts(shard_dir: Path) -> dict[str, int]:
     return {}
 
 
+MIX_SUMMARY_KEYS = ("name", "mix_fingerprint", "recipe_hash", "samples", "num_shards", "plant_share", "seed", "format")
+
+
+def describe_sources(sources: Sequence[Sequence[str]]) -> list[dict[str, Any]]:
+    """What a run trains on, per `::` source: its shards' listing fingerprint and, for a plantmix mix,
+    the summary of its `dataset.json` (mix fingerprint, recipe hash, counts per domain and source)."""
+    out = []
+    for urls in sources:
+        entry: dict[str, Any] = {"shards": len(urls), "first": urls[0] if urls else None}
+        local = [Path(u) for u in urls if not _is_remote(u)]
+        listing = sorted(f"{p.name}:{p.stat().st_size}" for p in local if p.is_file())
+        entry["listing_fingerprint"] = hashlib.sha256("\n".join(listing).encode()).hexdigest()
+        dirs = [local[0].parent.parent, local[0].parent] if local else []  # a mix dir holds shards/ and dataset.json
+        card = next((d / "dataset.json" for d in dirs if (d / "dataset.json").is_file()), None)
+        if card is not None:
+            try:
+                meta = json.loads(card.read_text())
+            except ValueError:
+                meta = {}
+            entry["dataset_json"] = str(card)
+            entry.update({k: meta[k] for k in MIX_SUMMARY_KEYS if k in meta})
+            counts = meta.get("counts") or {}
+            entry["counts"] = {k: counts[k] for k in ("domain", "source") if k in counts}
+        out.append(entry)
+    return out
+
+
 def count_tar_samples(path: str | Path) -> int:
     """Number of samples (keys with an image member) in a local tar, reading headers only."""
     keys = set()
@@ -135,17 +177,22 @@ def count_tar_samples(path: str | Path) -> int:
     return len(keys)
 
 
-def count_samples(urls: Sequence[str]) -> int:
-    """Total samples in local shards: `dataset.json` counts when present, else a header scan."""
-    total = 0
+def shard_sizes(urls: Sequence[str], why: str = "pass --train-num-samples") -> list[int]:
+    """Samples per local shard: `dataset.json` / `sizes.json` counts when present, else a header scan."""
+    sizes = []
     cache: dict[Path, dict[str, int]] = {}
     for url in urls:
         if _is_remote(url):
-            raise DalipError(f"cannot count samples of remote shard {url}; pass --train-num-samples")
+            raise DalipError(f"cannot count samples of remote shard {url}; {why}")
         path = Path(url)
         counts = cache.setdefault(path.parent, _listed_counts(path.parent))
-        total += counts[path.name] if path.name in counts else count_tar_samples(path)
-    return total
+        sizes.append(counts[path.name] if path.name in counts else count_tar_samples(path))
+    return sizes
+
+
+def count_samples(urls: Sequence[str]) -> int:
+    """Total samples in local shards (see shard_sizes)."""
+    return sum(shard_sizes(urls))
 
 
 def read_shard(url: str, errors: list[Exception]) -> Iterator[dict[str, Any]]:
@@ -168,15 +215,15 @@ def read_shard(url: str, errors: list[Exception]) -> Iterator[dict[str, Any]]:
 # Decoding
 
 
-def sample_field(sample: dict[str, Any], name: str) -> str | None:
-    """A text field of a raw sample: `txt` (or any other member extension) or a key of its `.json`.
+def sample_value(sample: dict[str, Any], name: str) -> Any:
+    """A field of a raw sample as stored: a member (`txt`, decoded) or a value of its `.json` (any type).
 
     Keys may be dotted paths (`taxonomy.species`); `taxon_<rank>` also finds plantmix's nested
     `taxonomy.<rank>`.
     """
     if name in sample and not name.startswith("__"):
         value = sample[name]
-        value = value.decode("utf-8") if isinstance(value, bytes) else value
+        return value.decode("utf-8") if isinstance(value, bytes) else value
     else:
         if "__json__" not in sample:
             sample["__json__"] = json.loads(sample["json"]) if "json" in sample else {}
@@ -188,6 +235,12 @@ def sample_field(sample: dict[str, Any], name: str) -> str | None:
             value = meta
             for part in name.split("."):
                 value = value.get(part) if isinstance(value, dict) else None
+    return value
+
+
+def sample_field(sample: dict[str, Any], name: str) -> str | None:
+    """A text field of a raw sample (see sample_value), stripped; None when absent or empty."""
+    value = sample_value(sample, name)
     if value is None:
         return None
     value = str(value).strip()
@@ -202,19 +255,34 @@ def decode_image(sample: dict[str, Any]) -> Image.Image:
         return im.convert("RGB")  # forces a full decode, so truncated bytes fail here
 
 
-def decode_caption(sample: dict[str, Any], fields: Sequence[str]) -> str:
+def decode_caption(sample: dict[str, Any], fields: Sequence[str], draw: tuple | None = None) -> str:
+    """The first non-empty field; a list field gives one of its captions: drawn with a RNG seeded by
+    `(*draw, sample key)` when `draw` is given (e.g. `(seed, epoch)`), else its first."""
     for name in fields:
-        value = sample_field(sample, name)
+        value = sample_value(sample, name)
+        if isinstance(value, list):
+            options = [str(v).strip() for v in value if isinstance(v, str) and v.strip()]
+            if options:
+                if draw is None:
+                    return options[0]
+                return random.Random(stable_seed(*draw, "caption", sample.get("__key__"))).choice(options)
+            continue
+        value = None if value is None else str(value).strip()
         if value:
             return value
     raise ValueError(f"no caption in field(s) {', '.join(fields)}")
 
 
 def parse_caption_field(spec: str) -> tuple[str, ...]:
-    """`txt`, a `.json` key such as `caption_scientific`, or a comma-separated fallback list."""
+    """`txt`, a `.json` key such as `caption_scientific`, or a comma-separated fallback list.
+
+    The group field `captions` falls back to `txt` (samples outside any duplicate group lack it).
+    """
     fields = tuple(f.strip() for f in spec.split(",") if f.strip())
     if not fields:
         raise DalipError("caption field is empty; use txt or a .json key such as caption_scientific")
+    if GROUP_CAPTIONS_FIELD in fields and "txt" not in fields:
+        fields += ("txt",)
     return fields
 
 
@@ -222,7 +290,7 @@ def parse_caption_field(spec: str) -> tuple[str, ...]:
 # Deterministic streams
 
 
-def _seed(*parts: object) -> int:
+def stable_seed(*parts: object) -> int:
     """A 63-bit seed from any parts, stable across processes and machines (unlike hash())."""
     digest = hashlib.sha256(":".join(map(str, parts)).encode()).digest()
     return int.from_bytes(digest[:8], "little") & (2**63 - 1)
@@ -239,19 +307,53 @@ class StreamSpec:
     num_streams: int
     shuffle_buffer: int
     caption_fields: tuple[str, ...]
+    shard_sizes: tuple[int, ...] = ()  # samples per shard (epoch mode)
+    stream_starts: tuple[int, ...] = ()  # where each stream's run begins in the epoch's sequence
 
 
-def shard_order(spec: StreamSpec, epoch: int, stream: int) -> Iterator[str]:
-    """The infinite shard sequence of one stream in one epoch; item i is the shard of ordinal i."""
-    if spec.resampled:
-        rng = random.Random(_seed(spec.seed, "resample", epoch, stream))
-        while True:
-            yield rng.choices(spec.shards, weights=spec.shard_weights)[0]
-    order = list(spec.shards)
-    random.Random(_seed(spec.seed, "order", epoch)).shuffle(order)
-    mine = order[stream :: spec.num_streams]
+@dataclass(frozen=True)
+class Segment:
+    """A shard's samples from `start` on, in its shuffled order."""
+
+    url: str
+    shuffle_seed: int
+    start: int = 0
+
+
+def _epoch_segments(spec: StreamSpec, epoch: int, stream: int) -> Iterator[Segment]:
+    """Stream `stream`'s run of the epoch's sample sequence, then on cyclically (see module doc)."""
+    order = list(range(len(spec.shards)))
+    random.Random(stable_seed(spec.seed, "order", epoch)).shuffle(order)
+    sizes = [spec.shard_sizes[i] for i in order]
+    total = sum(sizes)
+    if total == 0:
+        raise DalipError("the shards hold no samples")
+    pos = spec.stream_starts[stream] % total
+    first = True
     while True:
-        yield from mine
+        at = 0
+        for i, size in zip(order, sizes):
+            if size and (not first or pos < at + size):
+                start = pos - at if first else 0
+                first = False
+                seed = stable_seed(spec.seed, "shuffle", epoch, spec.shards[i])
+                yield Segment(spec.shards[i], seed, start)
+            at += size
+
+
+def segments(spec: StreamSpec, epoch: int, stream: int) -> Iterator[Segment]:
+    """The infinite segment sequence of one stream in one epoch; item i is the segment of ordinal i.
+
+    In epoch mode a segment runs to the end of its shard even where the next stream's run starts
+    inside it: the reading stream stops at its own run's end unless it must make up skipped samples.
+    """
+    if not spec.resampled:
+        yield from _epoch_segments(spec, epoch, stream)
+        return
+    rng = random.Random(stable_seed(spec.seed, "resample", epoch, stream))
+    for ordinal in itertools.count():
+        url = rng.choices(spec.shards, weights=spec.shard_weights)[0]
+        yield Segment(url, stable_seed(spec.seed, "shuffle", epoch, stream, ordinal))
 
 
 @dataclass
@@ -278,19 +380,20 @@ class SampleStream:
 
     def _raw_samples(self) -> Iterator[tuple[int, int, dict[str, Any]]]:
         start_ordinal, skip = self.state.ordinal, self.state.offset
-        for ordinal, url in enumerate(shard_order(self.spec, self.epoch, self.stream)):
+        for ordinal, segment in enumerate(segments(self.spec, self.epoch, self.stream)):
             if ordinal < start_ordinal:
                 continue  # consumed before the checkpoint: not even opened
+            url = segment.url
             errors: list[Exception] = []
             samples: Iterator[dict[str, Any]] = read_shard(url, errors)
             if self.spec.shuffle_buffer > 1:
-                rng = random.Random(_seed(self.spec.seed, "shuffle", self.epoch, self.stream, ordinal))
+                rng = random.Random(segment.shuffle_seed)
                 bufsize = self.spec.shuffle_buffer
                 samples = _shuffle(samples, bufsize=bufsize, initial=bufsize, rng=rng)
             self._good_in_shard = False
-            for i, sample in enumerate(samples):
-                if ordinal == start_ordinal and i < skip:
-                    continue  # replayed raw bytes, never decoded
+            first = segment.start + (skip if ordinal == start_ordinal else 0)
+            for i, sample in enumerate(itertools.islice(samples, first, None), start=first - segment.start):
+                # samples before `first` are replayed raw bytes, never decoded
                 self.state.offset = i + 1
                 yield ordinal, i, sample
             if errors:
@@ -298,7 +401,7 @@ class SampleStream:
                 self._last_error = f"{url}: {errors[0]}"
                 log.warning("skipping the rest of unreadable shard %s: %s", url, errors[0])
             self._dry_shards = 0 if self._good_in_shard else self._dry_shards + 1
-            if self._dry_shards > len(self.spec.shards):
+            if self._dry_shards > len(self.spec.shards) + 1:  # a whole cycle gave nothing
                 raise DalipError(
                     f"no usable sample in {self._dry_shards} shards in a row (stream {self.stream}); "
                     f"check the caption field {','.join(self.spec.caption_fields)!r} and the shards; "
@@ -313,11 +416,11 @@ class SampleStream:
         while len(images) < n:
             ordinal, index, sample = next(self._raw)
             try:
-                caption = decode_caption(sample, self.spec.caption_fields)
+                caption = decode_caption(sample, self.spec.caption_fields, draw=(self.spec.seed, self.epoch))
                 image = decode_image(sample)
                 # Augmentation depends on the sample's position only, not on what ran before.
                 with torch.random.fork_rng(devices=[]):
-                    torch.manual_seed(_seed(self.spec.seed, "augment", self.epoch, self.stream, ordinal, index))
+                    torch.manual_seed(stable_seed(self.spec.seed, "augment", self.epoch, self.stream, ordinal, index))
                     tensor = self.transform(image)
             except Exception as e:  # noqa: BLE001 - any undecodable sample is skipped, never fatal
                 self.state.bad_samples += 1
@@ -493,6 +596,16 @@ class TrainData:
         )
 
 
+def stream_starts(steps: int, slots: int, phases: int, slot_batch: int) -> tuple[int, ...]:
+    """Where each stream's run begins in an epoch's sample sequence: stream k = q·phases + p serves
+    slice q of the steps t ≡ p (mod phases), so the runs are laid end to end in stream order."""
+    starts, at = [], 0
+    for k in range(slots * phases):
+        starts.append(at)
+        at += len(range(k % phases, steps, phases)) * slot_batch
+    return tuple(starts)
+
+
 def build_train_data(
     spec: str,
     *,
@@ -534,13 +647,11 @@ def build_train_data(
     slots = slots or world_size
     phases = phases or max(1, num_workers)
     num_streams = slots * phases
-    if not resampled and len(shards) < num_streams:
-        raise DalipError(
-            f"{len(shards)} shards cannot feed {num_streams} streams (slots {slots} × phases {phases}) in epoch "
-            "mode; use --resampled, fewer workers, or more shards"
-        )
+    sizes: list[int] = []
+    if not resampled:  # each stream's run of the epoch is cut by sample counts
+        sizes = shard_sizes(shards, "epoch mode needs per-shard sample counts: use --resampled")
     if num_samples is None:
-        num_samples = count_samples(shards)
+        num_samples = sum(sizes) if sizes else count_samples(shards)
     steps = num_samples // micro_batch // step_multiple * step_multiple
     if steps == 0:
         raise DalipError(f"{num_samples} training samples do not fill one batch of {micro_batch * step_multiple}")
@@ -552,6 +663,8 @@ def build_train_data(
         num_streams=num_streams,
         shuffle_buffer=shuffle_buffer,
         caption_fields=parse_caption_field(caption_field),
+        shard_sizes=tuple(sizes),
+        stream_starts=stream_starts(steps, slots, phases, micro_batch // slots),
     )
     dataset = TrainStream(
         stream_spec,
@@ -572,7 +685,8 @@ def build_train_data(
 
 
 class EvalShards(IterableDataset):
-    """Every usable sample of some shards once, as (image tensor, text field value); order irrelevant.
+    """Every usable sample of some shards once, as (image tensor, text field value, sha256 of the image
+    bytes); order irrelevant.
 
     Shards are split over DataLoader workers. Samples lacking the image or the field are skipped and
     logged.
@@ -581,7 +695,7 @@ class EvalShards(IterableDataset):
     def __init__(self, urls: Sequence[str], transform: Callable, text_fields: Sequence[str]):
         self.urls, self.transform, self.text_fields = list(urls), transform, tuple(text_fields)
 
-    def __iter__(self) -> Iterator[tuple[torch.Tensor, str]]:
+    def __iter__(self) -> Iterator[tuple[torch.Tensor, str, str]]:
         info = get_worker_info()
         worker, num_workers = (info.id, info.num_workers) if info else (0, 1)
         for url in self.urls[worker::num_workers]:
@@ -593,6 +707,7 @@ class EvalShards(IterableDataset):
                 except Exception as e:  # noqa: BLE001 - skipped and logged, never fatal
                     log.warning("skipping eval sample %s:%s: %s", url, sample.get("__key__"), e)
                     continue
-                yield image, text
+                ext = next(e for e in IMAGE_EXTS if e in sample)
+                yield image, text, hashlib.sha256(sample[ext]).hexdigest()
             if errors:
                 log.warning("skipping the rest of unreadable shard %s: %s", url, errors[0])

@@ -1,9 +1,15 @@
 """Zero-shot classification and image↔text retrieval, scored with first-order, second-order and
 combined similarity (combined = α·s1 + (1−α)·s2), plus the paper-style markdown table.
 
-Datasets are ImageFolder directories (class = subfolder; optional classnames JSON) or webdataset shards
-whose samples carry the class in a field (a `.json` key such as `taxon_species`, or a member such as
-`cls`). Retrieval runs on held-out shards, pairing each image with its caption.
+Datasets are read by dalip.labelled (ImageFolder with classnames.json, shards with a class field,
+CLIP_benchmark's webdataset layout, a csv of path,label). Retrieval runs on held-out shards, pairing each
+image with its caption. Models are loaded by dalip.encoders (a dalip run, checkpoint or export, or a
+plain open_clip model: then first-order scores only).
+
+`evaluate()` runs one section per kind of evaluation, each adding one key to the results; a new kind
+of evaluation is one more call there. Results are kept per checkpoint step (`step_NNNNNNNN/` in the
+output directory, never overwritten; `results.json` / `.md` beside them are the latest) and record
+the model's and every dataset's fingerprint and, for a dalip checkpoint, the training data it saw.
 """
 
 from __future__ import annotations
@@ -15,32 +21,22 @@ from pathlib import Path
 from typing import Any, Literal, Optional
 
 import torch
-import torch.nn.functional as F
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 from torch.utils.data import DataLoader
 
+from dalip.atomic import write_text_atomic
 from dalip.data import EvalShards, expand_shards, parse_caption_field
+from dalip.encoders import Encoder, load_encoder
 from dalip.errors import DalipError
-from dalip.templates import default_templates, get_templates
+from dalip.labelled import DatasetSpec, class_embeddings, describe, embed_labelled, image_embeddings, load_classnames
+
+__all__ = ["DatasetSpec", "EvalConfig", "RetrievalSpec", "evaluate", "load_classnames", "load_for_eval", "write_results"]
 
 log = logging.getLogger(__name__)
 
 SCORES = ("first", "second", "combined")
 SCORE_LABELS = {"first": "first-order", "second": "second-order", "combined": "combined"}
 RECALL_AT = (1, 5, 10)
-
-
-class DatasetSpec(BaseModel):
-    model_config = ConfigDict(extra="forbid")
-
-    name: str
-    path: str = Field(..., description="ImageFolder directory or shard spec")
-    kind: Optional[Literal["imagefolder", "shards"]] = None  # default: guessed from path
-    domain: Literal["plant", "general"] = "plant"
-    classnames: Optional[str] = Field(None, description="JSON: {folder: name | {scientific, common}} or [names]")
-    name_keys: Optional[str] = Field(None, description="keys of dict classnames to use, comma-separated [all]")
-    class_field: str = Field("taxon_species", description="shards: field holding the class")
-    templates: Optional[str] = Field(None, description="template set(s), e.g. plant+simple [by domain]")
 
 
 class RetrievalSpec(BaseModel):
@@ -82,86 +78,32 @@ def parse_spec(text: str, model: type[BaseModel]) -> BaseModel:
 
 
 # ---------------------------------------------------------------------------------------------------
-# Class names
-
-
-def load_classnames(path: Path, folders: list[str], name_keys: Optional[str] = None) -> list[list[str]]:
-    """Names per class (in `folders` order) from a JSON mapping; several names per class ensemble."""
-    try:
-        data = json.loads(Path(path).read_text())
-    except (OSError, ValueError) as e:
-        raise DalipError(f"{path}: cannot read class names ({e})") from None
-    if isinstance(data, dict) and isinstance(data.get("classes"), (list, dict)):
-        data = data["classes"]
-    if isinstance(data, list):
-        if data and isinstance(data[0], dict) and ("folder" in data[0] or "id" in data[0]):
-            data = {str(d.get("folder", d.get("id"))): d for d in data}
-        elif len(data) != len(folders):
-            raise DalipError(f"{path}: {len(data)} names for {len(folders)} classes")
-        else:
-            data = dict(zip(folders, data))
-    keys = [k.strip() for k in name_keys.split(",")] if name_keys else None
-    out = []
-    for folder in folders:
-        if folder not in data:
-            raise DalipError(f"{path}: no name for class {folder!r}")
-        entry = data[folder]
-        if isinstance(entry, str):
-            names = [entry]
-        elif isinstance(entry, list):
-            names = [str(n) for n in entry if n]
-        elif isinstance(entry, dict):
-            wanted = keys or [k for k, v in entry.items() if isinstance(v, str) and k not in ("folder", "id")]
-            names = [str(entry[k]) for k in wanted if entry.get(k)]
-        else:
-            names = []
-        if not names:
-            raise DalipError(f"{path}: class {folder!r} has no usable name (keys {keys or 'any'})")
-        out.append(list(dict.fromkeys(names)))
-    return out
-
-
-# ---------------------------------------------------------------------------------------------------
-# Embeddings and scores
-
-
-@torch.no_grad()
-def class_embeddings(model, tokenizer, classnames: list[list[str]], templates, device, batch_size: int = 256):
-    """(W1, W2), each (classes, E): normalised mean over templates × names, first and second order."""
-    texts, owner = [], []
-    for c, names in enumerate(classnames):
-        for name in names:
-            for t in templates:
-                texts.append(t.format(name))
-                owner.append(c)
-    owner_t = torch.tensor(owner, device=device)
-    sums = None
-    for i in range(0, len(texts), batch_size):
-        z1, z2 = model.encode_text(tokenizer(texts[i : i + batch_size]).to(device), normalize=True)
-        if sums is None:
-            sums = [torch.zeros(len(classnames), z.shape[1], device=device) for z in (z1, z2)]
-        for s, z in zip(sums, (z1, z2)):
-            s.index_add_(0, owner_t[i : i + batch_size], z.float())
-    return tuple(F.normalize(s, dim=-1) for s in sums)
-
-
-@torch.no_grad()
-def image_embeddings(model, loader, device) -> tuple[torch.Tensor, torch.Tensor, list]:
-    """(Z1, Z2, targets) over a loader of (images, targets)."""
-    z1s, z2s, targets = [], [], []
-    for images, target in loader:
-        z1, z2 = model.encode_image(images.to(device), normalize=True)
-        z1s.append(z1.float().cpu())
-        z2s.append(z2.float().cpu())
-        targets += target.tolist() if torch.is_tensor(target) else list(target)
-    if not z1s:
-        raise DalipError("no images to evaluate")
-    return torch.cat(z1s), torch.cat(z2s), targets
+# Scores
 
 
 def similarities(a1, a2, b1, b2, alpha: float) -> dict[str, torch.Tensor]:
-    s1, s2 = a1 @ b1.T, a2 @ b2.T
+    """Scores by kind; first order only when either side has no second-order embeddings."""
+    s1 = a1 @ b1.T
+    if a2 is None or b2 is None:
+        return {"first": s1}
+    s2 = a2 @ b2.T
     return {"first": s1, "second": s2, "combined": alpha * s1 + (1 - alpha) * s2}
+
+
+def main_score(scores: dict[str, torch.Tensor]) -> str:
+    """The score the confusion matrix shows: combined when there is one."""
+    return "combined" if "combined" in scores else "first"
+
+
+def per_class_accuracy(scores: torch.Tensor, labels: torch.Tensor, classes: list[str]) -> dict[str, float | None]:
+    hit = scores.argmax(dim=1) == labels
+    return {c: (float(hit[labels == i].float().mean()) if (labels == i).any() else None) for i, c in enumerate(classes)}
+
+
+def confusion_matrix(scores: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    """(true class, predicted class) counts."""
+    n = scores.shape[1]
+    return torch.bincount(labels * n + scores.argmax(dim=1), minlength=n * n).reshape(n, n)
 
 
 def topk_accuracy(scores: torch.Tensor, labels: torch.Tensor, ks=(1, 5)) -> dict[str, float]:
@@ -181,74 +123,41 @@ def recall_at(scores: torch.Tensor, ks=RECALL_AT) -> dict[str, float]:
 # Datasets
 
 
-def _loader(dataset, cfg: EvalConfig) -> DataLoader:
-    return DataLoader(dataset, batch_size=cfg.batch_size, num_workers=cfg.workers, shuffle=False)
-
-
-def _strict_loader(path: str):
-    from PIL import Image
-
-    try:
-        with Image.open(path) as im:
-            return im.convert("RGB")
-    except Exception as e:  # noqa: BLE001 - eval data must be complete: name the file
-        raise DalipError(f"{path}: cannot decode image ({e})") from None
-
-
-def _guess_kind(path: str) -> str:
-    p = Path(path)
-    if p.is_dir() and any(c.is_dir() and c.name != "shards" for c in p.iterdir()) and not list(p.glob("*.tar")):
-        return "imagefolder"
-    return "shards"
-
-
-def zero_shot(model, preprocess, tokenizer, spec: DatasetSpec, cfg: EvalConfig, device) -> dict[str, Any]:
-    kind = spec.kind or _guess_kind(spec.path)
-    if kind == "imagefolder":
-        from torchvision.datasets import ImageFolder
-
-        if not Path(spec.path).is_dir():
-            raise DalipError(f"dataset {spec.name}: not a directory: {spec.path}")
-        dataset = ImageFolder(spec.path, transform=preprocess, loader=_strict_loader)
-        folders = dataset.classes
-        names_file = spec.classnames or (str(Path(spec.path) / "classnames.json") if (Path(spec.path) / "classnames.json").is_file() else None)
-        classnames = load_classnames(Path(names_file), folders, spec.name_keys) if names_file else [[f.replace("_", " ")] for f in folders]
-        z1, z2, labels = image_embeddings(model, _loader(dataset, cfg), device)
-    else:
-        urls = [u for source in expand_shards(spec.path) for u in source]
-        dataset = EvalShards(urls, preprocess, parse_caption_field(spec.class_field))
-        z1, z2, values = image_embeddings(model, _loader(dataset, cfg), device)
-        folders = sorted(set(values))
-        if spec.classnames:
-            classnames = load_classnames(Path(spec.classnames), folders, spec.name_keys)
-        else:
-            classnames = [[v] for v in folders]
-        index = {f: i for i, f in enumerate(folders)}
-        labels = [index[v] for v in values]
-    templates_name = spec.templates or default_templates(spec.domain)
-    w1, w2 = class_embeddings(model, tokenizer, classnames, get_templates(templates_name), device)
-    labels_t = torch.tensor(labels)
-    scores = similarities(z1, z2, w1.cpu(), w2.cpu(), cfg.alpha)
-    result = {"domain": spec.domain, "num_samples": len(labels), "num_classes": len(classnames), "templates": templates_name}
-    result.update({kind_: topk_accuracy(s, labels_t) for kind_, s in scores.items()})
+def zero_shot(encoder: Encoder, spec: DatasetSpec, cfg: EvalConfig, device) -> dict[str, Any]:
+    """Top-1 (and top-5 when there are more than 5 classes), per-class accuracy and the confusion
+    matrix of the main score, the chance level and the data's fingerprint."""
+    data = embed_labelled(encoder, spec, device, cfg.batch_size, cfg.workers)
+    w1, w2 = class_embeddings(encoder, data.classnames, data.templates, device)
+    scores = similarities(data.z1, data.z2, w1, w2, cfg.alpha)
+    ks = (1, 5) if data.num_classes > 5 else (1,)
+    result: dict[str, Any] = {**describe(data), "chance": 1 / data.num_classes, "classes": data.classes}
+    result.update({kind: topk_accuracy(s, data.labels, ks) for kind, s in scores.items()})
+    result["per_class"] = {kind: per_class_accuracy(s, data.labels, data.classes) for kind, s in scores.items()}
+    main = main_score(scores)
+    result["confusion"] = {"score": main, "matrix": confusion_matrix(scores[main], data.labels).tolist()}
     return result
 
 
 @torch.no_grad()
-def retrieval(model, preprocess, tokenizer, spec: RetrievalSpec, cfg: EvalConfig, device) -> dict[str, Any]:
+def retrieval(encoder: Encoder, spec: RetrievalSpec, cfg: EvalConfig, device) -> dict[str, Any]:
     urls = [u for source in expand_shards(spec.shards) for u in source]
-    dataset = EvalShards(urls, preprocess, parse_caption_field(spec.caption_field))
-    i1, i2, captions = image_embeddings(model, _loader(dataset, cfg), device)
+    dataset = EvalShards(urls, encoder.preprocess, parse_caption_field(spec.caption_field))
+    i1, i2, captions, _ = image_embeddings(encoder, _loader(dataset, cfg), device)
     t1s, t2s = [], []
     for i in range(0, len(captions), cfg.batch_size):
-        z1, z2 = model.encode_text(tokenizer(captions[i : i + cfg.batch_size]).to(device), normalize=True)
+        z1, z2 = encoder.encode_text(encoder.tokenizer(captions[i : i + cfg.batch_size]).to(device))
         t1s.append(z1.float().cpu())
-        t2s.append(z2.float().cpu())
-    t1, t2 = torch.cat(t1s), torch.cat(t2s)
+        if z2 is not None:
+            t2s.append(z2.float().cpu())
+    t1, t2 = torch.cat(t1s), (torch.cat(t2s) if t2s else None)
     result: dict[str, Any] = {"domain": spec.domain, "num_pairs": len(captions)}
     for kind, s in similarities(i1, i2, t1, t2, cfg.alpha).items():
         result[kind] = {"image_to_text": recall_at(s), "text_to_image": recall_at(s.T)}
     return result
+
+
+def _loader(dataset, cfg: EvalConfig) -> DataLoader:
+    return DataLoader(dataset, batch_size=cfg.batch_size, num_workers=cfg.workers, shuffle=False)
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -270,14 +179,23 @@ def load_for_eval(checkpoint: str | Path, device: str | torch.device = "cpu"):
     return model, preprocess, tokenizer, {**meta, "path": str(path)}
 
 
+def score_kinds(zero_shot_results: dict[str, dict[str, Any]]) -> tuple[str, ...]:
+    """The score kinds every dataset has (first only for a model without second-order embeddings)."""
+    return tuple(k for k in SCORES if all(k in r for r in zero_shot_results.values()))
+
+
+def _avg(xs: list[float]) -> float:
+    return sum(xs) / len(xs) if xs else math.nan
+
+
 def means(zero_shot_results: dict[str, dict[str, Any]], metric: str = "top1") -> dict[str, dict[str, float]]:
-    """Per score kind: general mean, plant mean, mean over all datasets (NaN where none)."""
+    """Per score kind (and `chance`): general mean, plant mean, mean over all datasets (NaN where none)."""
     out = {}
-    for kind in SCORES:
-        values = {d: r[kind][metric] for d, r in zero_shot_results.items()}
+    with_chance = all("chance" in r for r in zero_shot_results.values())
+    for kind in (*score_kinds(zero_shot_results), *(("chance",) if with_chance else ())):
+        values = {d: (r["chance"] if kind == "chance" else r[kind][metric]) for d, r in zero_shot_results.items()}
         by = {dom: [v for d, v in values.items() if zero_shot_results[d]["domain"] == dom] for dom in ("general", "plant")}
-        avg = lambda xs: sum(xs) / len(xs) if xs else math.nan  # noqa: E731
-        out[kind] = {"general": avg(by["general"]), "plant": avg(by["plant"]), "all": avg(list(values.values()))}
+        out[kind] = {"general": _avg(by["general"]), "plant": _avg(by["plant"]), "all": _avg(list(values.values()))}
     return out
 
 
@@ -286,23 +204,27 @@ def evaluate(checkpoint: str | Path, cfg: EvalConfig, label: Optional[str] = Non
     if not cfg.datasets and not cfg.retrieval:
         raise DalipError("nothing to evaluate: give at least one dataset or retrieval set")
     device = torch.device(cfg.device if cfg.device != "auto" else ("cuda" if torch.cuda.is_available() else "cpu"))
-    model, preprocess, tokenizer, meta = load_for_eval(checkpoint, device)
+    encoder = load_encoder(checkpoint, device)
+    info = encoder.info
     results: dict[str, Any] = {
-        "label": label or meta.get("config", {}).get("name") or Path(meta["path"]).parent.parent.name,
-        "checkpoint": meta["path"],
-        "step": meta.get("step"),
-        "model": meta["model"],
-        "loss": meta.get("loss"),
+        "label": label or info["name"],
+        "checkpoint": info["path"],
+        "step": info.get("step"),
+        "model": info["model"],
+        "model_kind": info["kind"],
+        "model_fingerprint": info["fingerprint"],
+        "train_data": info.get("train_data"),
+        "loss": info.get("loss"),
         "alpha": cfg.alpha,
         "zero_shot": {},
         "retrieval": {},
     }
     for spec in cfg.datasets:
         log.info("zero-shot: %s", spec.name)
-        results["zero_shot"][spec.name] = zero_shot(model, preprocess, tokenizer, spec, cfg, device)
+        results["zero_shot"][spec.name] = zero_shot(encoder, spec, cfg, device)
     for spec in cfg.retrieval:
         log.info("retrieval: %s", spec.name)
-        results["retrieval"][spec.name] = retrieval(model, preprocess, tokenizer, spec, cfg, device)
+        results["retrieval"][spec.name] = retrieval(encoder, spec, cfg, device)
     if results["zero_shot"]:
         results["means"] = means(results["zero_shot"])
     return results
@@ -313,7 +235,8 @@ def _pct(x: float) -> str:
 
 
 def markdown_table(all_results: list[dict[str, Any]], kinds=SCORES) -> str:
-    """Zero-shot top-1 (%) like the paper: datasets (general first, then plant) + three means."""
+    """Zero-shot top-1 (%) like the paper: datasets (general first, then plant) + three means, and a
+    chance row (1 / classes)."""
     names: dict[str, str] = {}
     for r in all_results:
         for d, z in r["zero_shot"].items():
@@ -321,19 +244,25 @@ def markdown_table(all_results: list[dict[str, Any]], kinds=SCORES) -> str:
     ordered = [d for d in names if names[d] == "general"] + [d for d in names if names[d] == "plant"]
     head = ["Model", *[f"{d} ({names[d]})" for d in ordered], "General mean", "Plant mean", "Mean"]
     lines = ["| " + " | ".join(head) + " |", "|" + "|".join(["---"] + ["---:"] * (len(head) - 1)) + "|"]
+    chance: dict[str, float] = {}
     for r in all_results:
         m = means(r["zero_shot"]) if r["zero_shot"] else {}
-        for kind in kinds:
+        for kind in (k for k in kinds if k in m):
             cells = [_pct(r["zero_shot"][d][kind]["top1"]) if d in r["zero_shot"] else "–" for d in ordered]
             mk = m.get(kind, {})
             cells += [_pct(mk.get("general")), _pct(mk.get("plant")), _pct(mk.get("all"))]
             lines.append(f"| {r['label']} ({SCORE_LABELS[kind]}) | " + " | ".join(cells) + " |")
+        chance.update({d: z["chance"] for d, z in r["zero_shot"].items() if "chance" in z})
+    if ordered and all(d in chance for d in ordered):
+        by = {dom: [chance[d] for d in ordered if names[d] == dom] for dom in ("general", "plant")}
+        cells = [_pct(chance[d]) for d in ordered] + [_pct(_avg(by["general"])), _pct(_avg(by["plant"])), _pct(_avg(list(chance.values())))]
+        lines.append("| Chance | " + " | ".join(cells) + " |")
     table = "\n".join(lines)
     retrieval_rows = [
         f"| {r['label']} ({SCORE_LABELS[kind]}) | {d} | "
         + " | ".join(_pct(x[kind][direction][f"R@{k}"]) for direction in ("image_to_text", "text_to_image") for k in RECALL_AT)
         + " |"
-        for r in all_results for d, x in r["retrieval"].items() for kind in kinds
+        for r in all_results for d, x in r["retrieval"].items() for kind in kinds if kind in x
     ]  # fmt: skip
     if retrieval_rows:
         head = "| Model | Dataset | I→T R@1 | I→T R@5 | I→T R@10 | T→I R@1 | T→I R@5 | T→I R@10 |"
@@ -350,11 +279,48 @@ def _finite_or_null(x: Any) -> Any:
     return None if isinstance(x, float) and not math.isfinite(x) else x
 
 
+def results_dir_name(results: dict[str, Any]) -> str:
+    """Per-checkpoint folder: step_NNNNNNNN for a dalip step, else the model's fingerprint."""
+    if results.get("step") is not None:
+        return f"step_{int(results['step']):08d}"
+    return f"model_{results['model_fingerprint'][:12]}"
+
+
+def plot_confusion(result: dict[str, Any], name: str, path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    matrix = torch.tensor(result["confusion"]["matrix"], dtype=torch.float)
+    rows = matrix / matrix.sum(dim=1, keepdim=True).clamp(min=1)
+    classes = result["classes"]
+    size = min(20, 3 + 0.35 * len(classes))
+    fig, ax = plt.subplots(figsize=(size, size))
+    im = ax.imshow(rows.numpy(), cmap="Blues", vmin=0, vmax=1)
+    if len(classes) <= 60:
+        ax.set_xticks(range(len(classes)), classes, rotation=90, fontsize=7)
+        ax.set_yticks(range(len(classes)), classes, fontsize=7)
+    ax.set_xlabel("predicted")
+    ax.set_ylabel("true")
+    top1 = result[result["confusion"]["score"]]["top1"]
+    ax.set_title(f"{name}: {SCORE_LABELS[result['confusion']['score']]} top-1 {100 * top1:.1f}% (chance {100 * result['chance']:.1f}%)")
+    fig.colorbar(im, ax=ax, fraction=0.046, label="share of the true class")
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
 def write_results(results: dict[str, Any], out_dir: Path) -> tuple[Path, Path]:
-    """results.json and results.md in out_dir."""
+    """results.json, results.md and confusion_<dataset>.png in out_dir/<step_NNNNNNNN>/ (kept per
+    checkpoint); results.json and results.md in out_dir are copies of the latest. Returns the kept pair."""
     out_dir = Path(out_dir)
-    out_dir.mkdir(parents=True, exist_ok=True)
-    json_path, md_path = out_dir / "results.json", out_dir / "results.md"
-    json_path.write_text(json.dumps(_finite_or_null(results), indent=1))
-    md_path.write_text(markdown_table([results]))
-    return json_path, md_path
+    kept = out_dir / results_dir_name(results)
+    kept.mkdir(parents=True, exist_ok=True)
+    text, table = json.dumps(_finite_or_null(results), indent=1), markdown_table([results])
+    for folder in (kept, out_dir):
+        write_text_atomic(folder / "results.json", text)
+        write_text_atomic(folder / "results.md", table)
+    for name, result in results["zero_shot"].items():
+        plot_confusion(result, name, kept / f"confusion_{name}.png")
+    return kept / "results.json", kept / "results.md"

@@ -26,7 +26,7 @@ open_clip.add_model_config(MODEL_CONFIG_DIR)
 
 MBDC_OPTIONS = ("heads", "reduce_dim", "dropout", "learnable_temperature", "hidden_linear")
 PRECISIONS = ("fp32", "amp", "amp_bf16", "amp_bfloat16", "bf16", "fp16", "pure_bf16", "pure_fp16")
-_CONFIG_KEYS = ("embed_dim", "vision_cfg", "text_cfg")
+CONFIG_KEYS = ("embed_dim", "vision_cfg", "text_cfg")
 
 
 def _unsupported(what: str, detail: str) -> NotImplementedError:
@@ -212,7 +212,7 @@ def _check_config_file(path: Path) -> None:
         config = json.loads(path.read_text())
     except (OSError, ValueError) as err:
         raise DalipError(f"{path}: cannot read model config ({err})") from None
-    missing = [key for key in _CONFIG_KEYS if not isinstance(config, dict) or key not in config]
+    missing = [key for key in CONFIG_KEYS if not isinstance(config, dict) or key not in config]
     if missing:
         raise DalipError(f"{path}: model config lacks {', '.join(missing)}")
 

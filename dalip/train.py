@@ -38,7 +38,7 @@ from dalip.checkpoint import (
     set_rng_state,
 )
 from dalip.config import TrainConfig
-from dalip.data import DataPosition, TrainData, build_train_data, expand_shards
+from dalip.data import DataPosition, TrainData, build_train_data, describe_sources, expand_shards
 from dalip.errors import DalipError, NonFiniteLossError
 
 log = logging.getLogger(__name__)
@@ -425,6 +425,7 @@ def _save(cfg, ddp, step, model, optimizer, scaler, position: DataPosition, data
             "alpha": cfg.alpha,
             "world_size": ddp.world_size,
             "config": cfg.model_dump(mode="json"),
+            "train_data": describe_sources(data.sources),
             "versions": {"dalip": dalip.__version__, "torch": torch.__version__},
         }
         path = save_checkpoint(cfg.run_dir, step, model, state, meta, keep=cfg.keep_checkpoints)

@@ -60,9 +60,12 @@ def jpeg(im: Image.Image) -> bytes:
 
 
 def write_shape_shards(
-    out: Path, num_shards: int = 4, per_shard: int = 16, seed: int = 0, classes=CLASSES, prefix: str = ""
+    out: Path, num_shards: int = 4, per_shard: int = 16, seed: int = 0, classes=CLASSES, prefix: str = "",
+    group_captions: int = 0,
 ) -> Path:
-    """`out/shards/NNNNN.tar` + `out/dataset.json` in the plantmix layout; returns the shards dir."""
+    """`out/shards/NNNNN.tar` + `out/dataset.json` in the plantmix layout; returns the shards dir.
+
+    `group_captions` > 0: every even sample's json carries a `captions` list of that many captions."""
     rng = random.Random(seed)
     shard_dir = Path(out) / "shards"
     shard_dir.mkdir(parents=True, exist_ok=True)
@@ -80,9 +83,12 @@ def write_shape_shards(
                     "caption_taxonomic": f"{shape} of genus {colour}", "caption_combined": f"a {colour} {shape}, a shape",
                     "taxonomy": {"genus": colour, "species": f"{colour} {shape}"},
                 }  # fmt: skip
+                if group_captions and i % 2 == 0:
+                    meta["captions"] = [f"{key} caption {j}" for j in range(group_captions)]
                 sink.write({"__key__": key, "jpg": jpeg(shape_image(colour, shape, rng)), "txt": caption.encode(), "json": json.dumps(meta).encode()})
         counts[name] = per_shard
-    (Path(out) / "dataset.json").write_text(json.dumps({"samples": sum(counts.values()), "counts": {"shard": counts}}))
+    card = {"name": Path(out).name, "samples": sum(counts.values()), "counts": {"shard": counts}, "mix_fingerprint": f"shapes-{seed}-{num_shards}x{per_shard}"}
+    (Path(out) / "dataset.json").write_text(json.dumps(card))
     return shard_dir
 
 
@@ -225,9 +231,77 @@ def test_stream_with_no_usable_sample_fails_clearly(shards):
 
 
 def test_layout_errors(shards):
-    with pytest.raises(DalipError, match="cannot feed"):
-        _data(shards, slots=8)
+    with pytest.raises(DalipError, match="epoch mode needs per-shard sample counts"):
+        _data(f"{shards}/00000.tar::http://example.invalid/00001.tar", num_samples=32)
     with pytest.raises(DalipError, match="multiple of the world size"):
         _data(shards, slots=3, world_size=2)
     with pytest.raises(DalipError, match="source weights need resampled"):
         _data(shards, source_weights=[1.0])
+
+
+@pytest.mark.parametrize(
+    "num_shards,per_shard,kw",
+    [
+        (5, 16, {"phases": 2}),  # the layout that used to skip 8 samples and repeat 8
+        (7, 8, {"phases": 2, "num_workers": 2}),  # unequal steps per stream
+        (3, 16, {"slots": 2, "phases": 2, "num_workers": 2}),
+        (2, 16, {"phases": 4, "num_workers": 2}),  # fewer shards than streams
+        (5, 16, {"slots": 3, "micro_batch": 9}),
+    ],
+)
+def test_an_epoch_sees_every_sample_exactly_once(tmp_path, num_shards, per_shard, kw):
+    shards = write_shape_shards(tmp_path, num_shards=num_shards, per_shard=per_shard, seed=3)
+    data = _data(shards, caption_field="uid", **kw)
+    batches, _ = _keys(data)
+    seen = [k for b in batches for k in b]
+    total = num_shards * per_shard
+    micro = kw.get("micro_batch", 8)
+    assert len(seen) == total // micro * micro
+    assert len(set(seen)) == len(seen), "a sample was repeated within the epoch"
+    if total % micro == 0:
+        assert len(seen) == total
+
+
+def test_resume_mid_epoch_on_split_shards(tmp_path):
+    shards = write_shape_shards(tmp_path, num_shards=5, per_shard=16)
+    kw = {"phases": 2, "num_workers": 2, "caption_field": "uid"}
+    data = _data(shards, **kw)
+    full, _ = _keys(data)
+    head, position = _keys(data, limit=5)  # stream 1's run starts inside the third shard
+    tail, _ = _keys(_data(shards, **kw), DataPosition.from_state_dict(position.state_dict(data.dataset.owned_streams())))
+    assert head + tail == full
+
+
+def test_group_captions_are_drawn_per_sample_and_epoch(tmp_path):
+    shards = write_shape_shards(tmp_path, num_shards=2, per_shard=16, group_captions=4)
+    lists = {}
+    for tar in sorted(shards.glob("*.tar")):
+        for sample in read_shard(str(tar), []):
+            meta = json.loads(sample["json"])
+            lists[meta["key"]] = (meta.get("captions"), sample["txt"].decode())
+
+    def epoch(n, **kw):
+        data = _data(shards, caption_field="captions", **kw)
+        position = DataPosition(n, 0, torch.zeros(data.num_streams, 4, dtype=torch.long))
+        return [c for b in _keys(data, position)[0] for c in b]
+
+    first = epoch(0)
+    assert len(first) == 32
+    by_key = {}
+    for caption in first:
+        key = caption.split()[0] if " caption " in caption else None
+        by_key[key] = by_key.get(key, 0) + 1
+    with_list = [k for k, (group, _) in lists.items() if group]
+    without = [txt for group, txt in lists.values() if not group]
+    assert sorted(k for k in by_key if k) == sorted(with_list)  # one caption of each group, once
+    assert sorted(c for c in first if " caption " not in c) == sorted(without)  # no list: the .txt
+    assert all(c in lists[c.split()[0]][0] for c in first if " caption " in c)
+    assert epoch(0) == first  # deterministic
+    assert sorted(epoch(0, phases=2, num_workers=2)) == sorted(first)  # the draw ignores the data layout
+    assert epoch(1) != first  # a new draw next epoch
+    data = _data(shards, caption_field="captions", phases=2, num_workers=2)
+    full, _ = _keys(data)
+    head, position = _keys(data, limit=1)
+    tail, _ = _keys(_data(shards, caption_field="captions", phases=2, num_workers=2), DataPosition.from_state_dict(position.state_dict(data.dataset.owned_streams())))
+    assert head + tail == full  # exact under resume
+    assert len({c for c in first if " caption " in c} ^ {c for c in epoch(1) if " caption " in c}) > 0

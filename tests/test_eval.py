@@ -69,6 +69,10 @@ def test_markdown_table_shape():
     assert lines[0] == "| Model | cars (general) | leaves (plant) | fungi (plant) | General mean | Plant mean | Mean |"
     assert lines[2] == "| m (first-order) | 20.0 | 50.0 | 30.0 | 20.0 | 40.0 | 33.3 |"
     assert len(lines) == 5
+    for d, classes in (("leaves", 4), ("cars", 10), ("fungi", 2)):
+        results["zero_shot"][d]["chance"] = 1 / classes
+    lines = markdown_table([results]).splitlines()
+    assert lines[-1] == "| Chance | 10.0 | 25.0 | 50.0 | 10.0 | 37.5 | 28.3 |"
 
 
 @pytest.fixture(scope="module")
@@ -141,3 +145,68 @@ def test_eval_cli_matches_an_independent_computation(trained, tmp_path, monkeypa
         expected = (s.argmax(dim=1) == labels).float().mean().item()
         assert shapes[kind]["top1"] == pytest.approx(expected), kind
         assert shapes[kind]["top5"] == pytest.approx((s.topk(5).indices == labels[:, None]).any(1).float().mean().item())
+
+
+def _clip_benchmark_copy(folder: Path, root: Path) -> Path:
+    """The same images in CLIP_benchmark's webdataset layout (test/0.tar, .cls + .webp)."""
+    import io
+
+    import webdataset as wds
+    from PIL import Image
+
+    classes = sorted(d.name for d in folder.iterdir() if d.is_dir())
+    names = json.loads((folder / "classnames.json").read_text())
+    (root / "test").mkdir(parents=True)
+    (root / "classnames.txt").write_text("\n".join(names[c]["scientific"] for c in classes) + "\n")
+    (root / "zeroshot_classification_templates.txt").write_text("a photo of a {c}.\n{c}\n")
+    with wds.TarWriter(str(root / "test" / "0.tar")) as sink:
+        for i, c in enumerate(classes):
+            for j, f in enumerate(sorted((folder / c).iterdir())):
+                buf = io.BytesIO()
+                Image.open(f).save(buf, format="WEBP", lossless=True)
+                sink.write({"__key__": f"{i:03d}{j:03d}", "webp": buf.getvalue(), "cls": str(i).encode()})
+    return root
+
+
+def test_eval_layouts_chance_per_class_and_results_kept_per_step(trained, tmp_path):
+    from dalip.evaluate import DatasetSpec, EvalConfig, evaluate, write_results
+
+    folder = _imagefolder(tmp_path / "shapes", per_class=2)
+    rows = ["path,label"] + [f"{p.relative_to(folder)},{p.parent.name}" for p in sorted(folder.glob("*/*.png"))]
+    (folder / "labels.csv").write_text("\n".join(rows) + "\n")
+    bench = _clip_benchmark_copy(folder, tmp_path / "bench")
+    few = tmp_path / "few"  # 3 classes: no top-5
+    for c in sorted(d for d in folder.iterdir() if d.is_dir())[:3]:
+        (few / c.name).mkdir(parents=True)
+        for f in c.iterdir():
+            (few / c.name / f.name).write_bytes(f.read_bytes())
+    specs = [
+        DatasetSpec(name="folder", path=str(folder), templates="name", name_keys="scientific"),
+        DatasetSpec(name="csv", path=str(folder / "labels.csv"), classnames=str(folder / "classnames.json"), templates="name", name_keys="scientific"),
+        DatasetSpec(name="bench", path=str(bench)),
+        DatasetSpec(name="few", path=str(few)),
+    ]
+    results = evaluate(trained, EvalConfig(datasets=specs))
+    z = results["zero_shot"]
+    assert (z["bench"]["num_samples"], z["bench"]["num_classes"], z["bench"]["templates"]) == (12, 6, "zeroshot_classification_templates.txt")
+    for kind in ("first", "second", "combined"):
+        assert z["csv"][kind] == z["folder"][kind]  # same images, same names: same scores
+    assert z["csv"]["fingerprint"] == z["folder"]["fingerprint"] != z["few"]["fingerprint"]
+    assert z["folder"]["chance"] == pytest.approx(1 / 6) and "top5" in z["folder"]["first"]
+    assert z["few"]["chance"] == pytest.approx(1 / 3) and "top5" not in z["few"]["first"]
+    per_class = z["folder"]["per_class"]["combined"]
+    assert len(per_class) == 6 and sum(per_class.values()) / 6 == pytest.approx(z["folder"]["combined"]["top1"])
+    matrix = torch.tensor(z["folder"]["confusion"]["matrix"])
+    assert matrix.sum() == 12 and matrix.diagonal().sum() / 12 == pytest.approx(z["folder"]["combined"]["top1"])
+    assert len(results["model_fingerprint"]) == 64 and results["step"] == 2
+    seen = results["train_data"][0]  # from the checkpoint's meta: the mix it trained on
+    assert (seen["samples"], seen["shards"], seen["mix_fingerprint"]) == (32, 2, "shapes-0-2x16")
+
+    out = tmp_path / "eval"
+    json_path, _ = write_results(results, out)
+    assert json_path == out / "step_00000002" / "results.json" and (out / "step_00000002" / "confusion_folder.png").is_file()
+    earlier = {**results, "step": 1}
+    write_results(earlier, out)
+    assert json.loads(json_path.read_text())["step"] == 2  # an earlier step's results did not overwrite it
+    assert json.loads((out / "results.json").read_text())["step"] == 1  # the top level is the latest written
+    assert "| Chance | " in (out / "results.md").read_text()

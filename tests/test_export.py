@@ -59,5 +59,16 @@ def test_export_loads_in_open_clip_with_the_same_embeddings(tmp_path, monkeypatc
         assert all(torch.equal(mbdc[k], state[k]) for k in mbdc)
         info = json.loads((out / "dalip.json").read_text())
         assert info["arch"] == "dalip-tiny" and info["step"] == 2
+
+        # eval and adapt read the export with both orders, equal to the trained model's
+        from dalip.encoders import load_encoder
+
+        encoder = load_encoder(out)
+        assert encoder.second_order and encoder.info["kind"] == "dalip-export"
+        with torch.no_grad():
+            for got, want in zip(encoder.encode_image(images), trained.encode_image(images)):
+                torch.testing.assert_close(got, want)
+            for got, want in zip(encoder.encode_text(texts), trained.encode_text(texts)):
+                torch.testing.assert_close(got, want)
     finally:
         torch.set_num_threads(threads)
