@@ -21,8 +21,9 @@ from plantmix.curate.dedup import dedup
 from plantmix.stages.download import download_source
 from plantmix.core.errors import PlantmixError
 from plantmix.curate.filters import apply_filters
-from plantmix.stages.ingest import ingest, resolve_source_path, taxonomy_path
+from plantmix.stages.ingest import ingest_to_parquet, resolve_source_path, taxonomy_path
 from plantmix.stages.join import hash_shards, join_manifest
+from plantmix.core.duck import spill_dir
 from plantmix.core.recipe import Recipe
 from plantmix.report import funnel, funnel_table, make_console
 from plantmix.core.stage import atomic_write_text, fingerprint, is_done, mark_done, write_parquet
@@ -106,8 +107,8 @@ def run_build(
     )
     if not is_done(candidates_path, key):
         with console.status("ingesting sources"):
-            table, reports = ingest(recipe, base_dir, build_dir / "extracted", demo_dir)
-            write_parquet(table, candidates_path)
+            reports = ingest_to_parquet(recipe, base_dir, build_dir / "extracted", demo_dir, candidates_path,
+                                        spill_dir(recipe.resources, build_dir))
         mark_done(candidates_path, key, reports=[r.__dict__ for r in reports])
     console.print(f"[green]✓[/] ingest: {pq.read_metadata(candidates_path).num_rows:,} candidates")
     if until == "ingest":

@@ -9,6 +9,7 @@ import pyarrow.parquet as pq
 import pytest
 
 from plantmix.core.recipe import FilterConfig
+from plantmix.core.text import WHITESPACE
 from plantmix.curate import filters
 from plantmix.curate.filters import apply_filters, filter_reasons
 
@@ -112,6 +113,7 @@ def test_foreign_letter_tolerance_is_a_setting():
 
 
 def test_space_class_is_pythons():
+    assert WHITESPACE == "".join(chr(c) for c in range(sys.maxunicode + 1) if chr(c).isspace())
     chars = [chr(c) for c in range(sys.maxunicode + 1) if not 0xD800 <= c < 0xE000]
     spaces = "".join(c for c in chars if c.isspace())
     others = "".join(c for c in chars if not c.isspace())

@@ -4,6 +4,7 @@ import tarfile
 from pathlib import Path
 
 import pandas as pd
+import pyarrow.parquet as pq
 import pyarrow.compute as pc
 import pytest
 from PIL import Image
@@ -142,3 +143,107 @@ def test_webdataset_member_names_are_sanitised(tmp_path):
 def test_unknown_format_rejected_by_recipe():
     with pytest.raises(Exception, match="format"):
         recipe(format="zip")
+
+
+# ---- equivalence with the per-row ingest it replaced ---------------------------------------------
+
+import hashlib  # noqa: E402
+from urllib.parse import urlsplit  # noqa: E402
+
+import numpy as np  # noqa: E402
+import pyarrow as pa  # noqa: E402
+
+from plantmix.core.schema import CANDIDATE_SCHEMA, CAPTION_TEMPLATES, TAXON_COLUMNS, TAXON_RANKS  # noqa: E402
+
+
+def _clean(v):
+    s = None if v is None else str(v).strip()
+    return s or None
+
+
+def _text(v):
+    return None if v is None or not str(v).strip() else str(v)
+
+
+def reference_variants(taxa):
+    species, common, family = _clean(taxa.get("taxon_species")), _clean(taxa.get("common_name")), _clean(taxa.get("taxon_family"))
+    lineage = [(r, _clean(taxa.get(f"taxon_{r}"))) for r in TAXON_RANKS[:-1]]
+    lineage = [(r, v) for r, v in lineage if v]
+    scientific = f"a photo of {species}." if species else None
+    common_c = f"a photo of {common}, a type of plant." if common else None
+    taxonomic = f"a photo of {species}, " + ", ".join(f"{r} {v}" for r, v in lineage) + "." if species and lineage else None
+    combined = None
+    if species and common:
+        combined = f"a photo of {common} ({species})" + (f", a plant of the family {family}." if family else ".")
+    elif species or common:
+        combined = scientific or common_c
+    return {"scientific": scientific, "common": common_c, "taxonomic": taxonomic, "combined": combined}
+
+
+def reference_caption(mode, column_caption, variants, uid, seed):
+    if mode == "column":
+        return column_caption
+    if mode == "sample":
+        options = [variants[t] for t in CAPTION_TEMPLATES if variants.get(t)]
+        if not options:
+            return column_caption
+        h = int.from_bytes(hashlib.sha256(f"{uid}:{seed}".encode()).digest()[:8], "big")
+        return options[h % len(options)]
+    return variants.get(mode) or column_caption
+
+
+def reference_ingest(source, table, allowed_schemes, seed) -> pa.Table:
+    """The per-row ingest of one url-list source, as first written."""
+    by_uid = {}
+    for i, raw in enumerate(table.to_pylist()):
+        url, key = _text(raw.get("url")), _text(raw.get("source_key"))
+        uid = make_uid(source.name, key or url or f"row:{i}")
+        if uid in by_uid:
+            by_uid[uid]["input_rows"] += 1
+            continue
+        taxa = {c: _text(raw.get(c)) for c in (*TAXON_COLUMNS, "common_name")}
+        variants = reference_variants(taxa)
+        drop = None
+        if url is None:
+            drop = "missing_url"
+        elif urlsplit(url).scheme.lower() not in allowed_schemes:
+            drop = "unsupported_url_scheme"
+        by_uid[uid] = {
+            "uid": uid, "source": source.name, "domain": source.domain, "url": url, "path": None,
+            "caption": reference_caption(source.caption, _text(raw.get("caption")), variants, uid, seed),
+            **{f"caption_{t}": variants[t] for t in CAPTION_TEMPLATES},
+            "license": _text(raw.get("license")) or source.license,
+            "attribution": _text(raw.get("attribution")) or source.attribution,
+            **taxa, "source_key": key, "input_rows": 1, "drop_reason": drop,
+        }
+    return pa.Table.from_pylist(list(by_uid.values()), schema=CANDIDATE_SCHEMA)
+
+
+_VALUES = [None, "", " ", "\u3000", "Quercus", " Quercus robur ", "Fagaceae", "oak", "it's", "ß\u00e9", "\u200a x\t"]
+_URLS = [None, "", "  ", "http://a/1.jpg", "HTTPS://a/2.jpg", " http://a/3", "\thttp://a/4", "ftp://a/5", "file:///x",
+         "ht\ttp://a/6", "//a/7", "a/8.jpg", "mailto:x", "http:x", "1http://a", "h+t.t-p://a", "data:image/png,x"]
+
+
+def fuzz_url_list(n: int, seed: int) -> pa.Table:
+    rng = np.random.default_rng(seed)
+    pick = lambda values: [values[i] for i in rng.integers(0, len(values), n)]  # noqa: E731
+    urls = [u if u is None or rng.random() < 0.3 else f"{u}?{rng.integers(0, n // 2)}" for u in pick(_URLS)]
+    cols = {"url": urls, "caption": pick(_VALUES), "source_key": [None if rng.random() < 0.7 else f"k{rng.integers(0, n // 3)}" for _ in range(n)],
+            "license": pick(_VALUES), **{c: pick(_VALUES) for c in (*TAXON_COLUMNS, "common_name")}}
+    return pa.table({k: pa.array(v, pa.string()) for k, v in cols.items()})
+
+
+@pytest.mark.parametrize("mode", ["column", "sample", "scientific", "common", "taxonomic", "combined"])
+def test_same_candidates_as_the_per_row_ingest(tmp_path, mode):
+    rows = fuzz_url_list(3000, seed=len(mode))
+    path = tmp_path / "fuzz.parquet"
+    pq.write_table(rows.rename_columns(["URL" if c == "url" else "KEY" if c == "source_key" else c for c in rows.column_names]), path)
+    columns = {"url": "URL", "key": "KEY", "caption": "caption", "license": "license"}
+    r = Recipe.model_validate({"name": "t", "seed": 7, "resources": {"batch_rows": 1000}, "sources": [
+        {"name": "s", "domain": "plant", "format": "url_list", "path": str(path), "columns": columns,
+         "caption": mode, "license": "CC0"}]})
+    table, [report] = ingest(r, tmp_path, tmp_path / "x")
+    expected = reference_ingest(r.sources[0], rows, r.download.allowed_schemes, r.seed)
+    assert report.collapsed > 0 and report.rows_read == 3000
+    for name in expected.column_names:
+        assert table[name].to_pylist() == expected[name].to_pylist(), name

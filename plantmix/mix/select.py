@@ -23,7 +23,7 @@ import pyarrow.compute as pc
 import pyarrow.parquet as pq
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
-from plantmix.core.arrays import string_buffers
+from plantmix.core.text import string_buffers
 from plantmix.core.errors import PlantmixError, ShortfallError
 from plantmix.core.schema import DOMAINS
 from plantmix.core.stage import atomic_path, fingerprint, is_done, mark_done

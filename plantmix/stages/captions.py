@@ -1,56 +1,54 @@
-"""Caption templates built from taxonomy (scientific, common, full taxonomic, combined)."""
+"""Caption templates built from taxonomy (scientific, common, full taxonomic, combined), as DuckDB
+column expressions over a table of taxon columns whose blank values are already NULL.
+
+A template is NULL when its fields are missing. Field values are used stripped of whitespace.
+"""
 
 from __future__ import annotations
 
-import hashlib
-
+from plantmix.core.duck import sql_quote
 from plantmix.core.schema import CAPTION_TEMPLATES, TAXON_RANKS
+from plantmix.core.text import WHITESPACE
 
 
-def _clean(v: object) -> str | None:
-    if v is None:
-        return None
-    s = str(v).strip()
-    return s or None
+def _field(column: str) -> str:
+    """The stripped value of a column; NULL when missing or blank."""
+    return f"nullif(trim({column}, {sql_quote(WHITESPACE)}), '')"
 
 
-def caption_variants(taxa: dict[str, object]) -> dict[str, str | None]:
-    """All template captions for one row; a template is None when its fields are missing.
-
-    `taxa` maps `taxon_<rank>` and `common_name` to values (missing or empty = unknown).
-    """
-    species = _clean(taxa.get("taxon_species"))
-    common = _clean(taxa.get("common_name"))
-    family = _clean(taxa.get("taxon_family"))
-    lineage = [(r, _clean(taxa.get(f"taxon_{r}"))) for r in TAXON_RANKS[:-1]]
-    lineage = [(r, v) for r, v in lineage if v]
-
-    scientific = f"a photo of {species}." if species else None
-    common_c = f"a photo of {common}, a type of plant." if common else None
-    taxonomic = None
-    if species and lineage:
-        taxonomic = f"a photo of {species}, " + ", ".join(f"{r} {v}" for r, v in lineage) + "."
-    combined = None
-    if species and common:
-        combined = f"a photo of {common} ({species})" + (f", a plant of the family {family}." if family else ".")
-    elif species or common:
-        combined = scientific or common_c
-    return {"scientific": scientific, "common": common_c, "taxonomic": taxonomic, "combined": combined}
+def caption_variants_sql() -> dict[str, str]:
+    """template name → SQL expression of that caption, over taxon_* and common_name columns."""
+    species, common, family = _field("taxon_species"), _field("common_name"), _field("taxon_family")
+    lineage = "concat_ws(', ', " + ", ".join(f"'{r} ' || {_field(f'taxon_{r}')}" for r in TAXON_RANKS[:-1]) + ")"
+    scientific = f"'a photo of ' || {species} || '.'"
+    common_c = f"'a photo of ' || {common} || ', a type of plant.'"
+    taxonomic = f"CASE WHEN {species} IS NOT NULL AND {lineage} <> '' THEN 'a photo of ' || {species} || ', ' || {lineage} || '.' END"
+    combined = (
+        f"CASE WHEN {species} IS NOT NULL AND {common} IS NOT NULL "
+        f"THEN 'a photo of ' || {common} || ' (' || {species} || ')' "
+        f"|| coalesce(', a plant of the family ' || {family} || '.', '.') "
+        f"ELSE coalesce({scientific}, {common_c}) END"
+    )
+    variants = {"scientific": scientific, "common": common_c, "taxonomic": taxonomic, "combined": combined}
+    assert tuple(variants) == CAPTION_TEMPLATES
+    return variants
 
 
-def pick_caption(mode: str, column_caption: str | None, variants: dict[str, str | None], uid: str, seed: int) -> str | None:
-    """The training caption for one row under a source's caption mode.
+def pick_caption_sql(mode: str, seed: int) -> str:
+    """SQL for the training caption under a source's caption mode, over `caption`, `uid` and the
+    `caption_<template>` columns.
 
     `column`: the source's own caption. A template name: that template, falling back to the column
     caption when the template's fields are missing. `sample`: one of the available templates, chosen by
-    a hash of (uid, seed) so the choice is stable across runs and machines.
+    the first 8 bytes of sha256("<uid>:<seed>") (big-endian) modulo their number, so the choice is
+    stable across runs and machines.
     """
     if mode == "column":
-        return column_caption
+        return "caption"
     if mode == "sample":
-        options = [variants[t] for t in CAPTION_TEMPLATES if variants.get(t)]
-        if not options:
-            return column_caption
-        h = int.from_bytes(hashlib.sha256(f"{uid}:{seed}".encode()).digest()[:8], "big")
-        return options[h % len(options)]
-    return variants.get(mode) or column_caption
+        options = "list_filter([" + ", ".join(f"caption_{t}" for t in CAPTION_TEMPLATES) + "], lambda x: x IS NOT NULL)"
+        pick = f"('0x' || substr(sha256(uid || {sql_quote(f':{seed}')}), 1, 16))::UBIGINT % len({options})"
+        return f"CASE WHEN len({options}) = 0 THEN caption ELSE {options}[({pick} + 1)::BIGINT] END"
+    if mode not in CAPTION_TEMPLATES:
+        raise ValueError(f"unknown caption mode {mode!r}")
+    return f"coalesce(caption_{mode}, caption)"

@@ -1,9 +1,17 @@
-"""Zero-copy numpy views of Arrow arrays, for the vectorised stages."""
+"""Text helpers for the vectorised stages: Python's whitespace set, zero-copy views of string arrays."""
 
 from __future__ import annotations
 
 import numpy as np
 import pyarrow as pa
+
+# The characters Python's str.isspace() accepts (what str.strip() and str.split() use); the SQL and
+# RE2 expressions that replace per-row Python use this set so they decide exactly as Python did.
+WHITESPACE = (
+    "\t\n\x0b\x0c\r\x1c\x1d\x1e\x1f \x85\xa0\u1680\u2000\u2001\u2002\u2003\u2004\u2005\u2006"
+    "\u2007\u2008\u2009\u200a\u2028\u2029\u202f\u205f\u3000"
+)
+WHITESPACE_RE2 = "".join(rf"\x{{{ord(c):x}}}" for c in WHITESPACE)  # body of an RE2 character class
 
 
 def string_buffers(strings: pa.Array) -> tuple[np.ndarray, np.ndarray]:
