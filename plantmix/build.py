@@ -102,7 +102,7 @@ def run_build(
     candidates_path = build_dir / "candidates.parquet"
     key = fingerprint(
         {"stage": "ingest", "sources": [s.model_dump(mode="json") for s in recipe.sources], "seed": recipe.seed,
-         "schemes": recipe.download.allowed_schemes, "v": 1},
+         "schemes": recipe.download.allowed_schemes, "v": 2},  # v2: csv values read as text
         _source_inputs(recipe, base_dir, demo_dir),
     )
     if not is_done(candidates_path, key):
@@ -139,7 +139,7 @@ def run_build(
     # 3. manifest: pHashes, then the join
     with _progress(console) as progress:
         task = progress.add_task("perceptual hashes (shards)", total=None)
-        hash_shards(build_dir / "download", build_dir / "hashes", workers=recipe.download.processes_count,
+        hash_shards(build_dir / "download", build_dir / "hashes", workers=recipe.resources.workers,
                     progress=lambda done, total: progress.update(task, completed=done, total=total))
     joined_path = build_dir / "stages" / "joined.parquet"
     markers = sorted((build_dir / "download").glob("*.done.json")) + sorted((build_dir / "hashes").glob("*/*.done.json"))
@@ -179,7 +179,7 @@ def run_build(
     from plantmix.mix.run import run_mix
 
     for spec in recipe.mix:
-        out = run_mix(build_dir, spec, recipe_hash=recipe.hash(), workers=recipe.download.processes_count)
+        out = run_mix(build_dir, spec, recipe_hash=recipe.hash(), workers=recipe.resources.workers, resources=recipe.resources)
         console.print(f"[green]✓[/] mix → {out}")
     return manifest_path
 
