@@ -20,7 +20,7 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 from plantmix.curate.dedup import dedup
 from plantmix.stages.download import download_source
 from plantmix.core.errors import PlantmixError
-from plantmix.curate.filters import apply_filters
+from plantmix.curate.filters import filter_parquet
 from plantmix.stages.ingest import ingest_to_parquet, resolve_source_path, taxonomy_path
 from plantmix.stages.join import hash_shards, join_manifest
 from plantmix.core.duck import spill_dir
@@ -168,7 +168,7 @@ def run_build(
     manifest_path = build_dir / "manifest.parquet"
     key = fingerprint({"stage": "filter", "cfg": recipe.filters.model_dump(), "v": 1}, [dedup_path])
     if not is_done(manifest_path, key):
-        write_parquet(apply_filters(pq.read_table(dedup_path), recipe.filters), manifest_path)
+        filter_parquet(dedup_path, manifest_path, recipe.filters, recipe.resources.threads)
         mark_done(manifest_path, key)
     manifest = pq.read_table(manifest_path)
     console.print(funnel_table(funnel(manifest), title=f"Funnel — {recipe.name}"))

@@ -214,3 +214,14 @@ def demo_joined(tmp_path):
     side = lambda: pa.array(rng.integers(20, 400, n))  # noqa: E731
     return rows.append_column("width", side()).append_column("height", side()).append_column(
         "original_width", pa.nulls(n, pa.int64())).append_column("original_height", pa.nulls(n, pa.int64()))
+
+
+def test_filter_parquet_streams_row_groups(tmp_path):
+    from plantmix.curate.filters import filter_parquet
+
+    t = fuzz_table(5000, seed=4)
+    t = t.append_column("keep", pa.array(np.arange(5000) % 5 != 0)).append_column(
+        "drop_reason", pa.array([None if i % 5 else "download_failed" for i in range(5000)], pa.string()))
+    pq.write_table(t, tmp_path / "in.parquet", row_group_size=1200)
+    filter_parquet(tmp_path / "in.parquet", tmp_path / "out.parquet", CFG)
+    assert pq.read_table(tmp_path / "out.parquet").equals(apply_filters(t, CFG).cast(t.schema))

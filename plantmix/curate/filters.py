@@ -12,12 +12,15 @@ import sys
 import unicodedata
 from concurrent.futures import ThreadPoolExecutor
 from functools import lru_cache
+from pathlib import Path
 
 import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
+import pyarrow.parquet as pq
 
 from plantmix.core.recipe import FilterConfig
+from plantmix.core.stage import atomic_path
 from plantmix.core.text import WHITESPACE, WHITESPACE_RE2, string_buffers
 
 DROP_TOO_SMALL = "image_too_small"
@@ -79,6 +82,14 @@ def apply_filters(table: pa.Table, cfg: FilterConfig, threads: int | None = None
     drop_reason = pc.if_else(dropped, reason, table["drop_reason"].cast(pa.string()))
     table = table.set_column(table.schema.get_field_index("keep"), "keep", keep)
     return table.set_column(table.schema.get_field_index("drop_reason"), "drop_reason", drop_reason)
+
+
+def filter_parquet(src: Path, dst: Path, cfg: FilterConfig, threads: int | None = None) -> None:
+    """apply_filters over a parquet file, one row group at a time (the rules are row-local), atomically."""
+    pf = pq.ParquetFile(src)
+    with atomic_path(dst) as tmp, pq.ParquetWriter(tmp, pf.schema_arrow, compression="zstd") as writer:
+        for rg in range(pf.num_row_groups):
+            writer.write_table(apply_filters(pf.read_row_group(rg), cfg, threads).cast(pf.schema_arrow))
 
 
 def _size(table: pa.Table, original: str, stored: str) -> np.ndarray:
