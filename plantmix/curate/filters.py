@@ -87,9 +87,10 @@ def apply_filters(table: pa.Table, cfg: FilterConfig, threads: int | None = None
 def filter_parquet(src: Path, dst: Path, cfg: FilterConfig, threads: int | None = None) -> None:
     """apply_filters over a parquet file, one row group at a time (the rules are row-local), atomically."""
     pf = pq.ParquetFile(src)
-    with atomic_path(dst) as tmp, pq.ParquetWriter(tmp, pf.schema_arrow, compression="zstd") as writer:
+    schema = apply_filters(pf.schema_arrow.empty_table(), cfg).schema
+    with atomic_path(dst) as tmp, pq.ParquetWriter(tmp, schema, compression="zstd") as writer:
         for rg in range(pf.num_row_groups):
-            writer.write_table(apply_filters(pf.read_row_group(rg), cfg, threads).cast(pf.schema_arrow))
+            writer.write_table(apply_filters(pf.read_row_group(rg), cfg, threads).cast(schema))
 
 
 def _size(table: pa.Table, original: str, stored: str) -> np.ndarray:
