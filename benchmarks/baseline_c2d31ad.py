@@ -23,7 +23,7 @@ from plantmix.core.schema import CANDIDATE_SCHEMA, CAPTION_TEMPLATES, DROP_MISSI
 from plantmix.core.stage import atomic_path
 from plantmix.mix.run import MIX_FIELDS
 from plantmix.mix.select import Selection
-from plantmix.stages.ingest import make_uid, resolve_source_path
+from plantmix.stages.ingest import SourceIngestReport, make_uid, resolve_source_path
 
 DROP_MISSING_IMAGE = "missing_image"
 

@@ -119,6 +119,10 @@ def test_space_class_is_pythons():
     others = "".join(c for c in chars if not c.isspace())
     stripped = pc.replace_substring_regex(pa.array([spaces, others]), f"[{filters._SPACE}]", "").to_pylist()
     assert stripped == ["", others]
+    # Arrow's whitespace trim (used for str.strip) strips exactly these characters, at either end
+    padded = pa.array([f"{c}x{c}" for c in chars])
+    trimmed = pc.utf8_trim_whitespace(padded).to_pylist()
+    assert {c for c, t in zip(chars, trimmed) if t == "x"} == set(spaces)
 
 
 @pytest.mark.parametrize("w, h, reason", [(200, 100, None), (50, 200, "image_too_small"), (640, 90, "aspect_ratio"), (None, None, None), (0, 30, None)])

@@ -21,7 +21,7 @@ import pyarrow.parquet as pq
 
 from plantmix.core.recipe import FilterConfig
 from plantmix.core.stage import atomic_path
-from plantmix.core.text import WHITESPACE, WHITESPACE_RE2, string_buffers
+from plantmix.core.text import WHITESPACE_RE2, string_buffers
 
 DROP_TOO_SMALL = "image_too_small"
 DROP_ASPECT = "aspect_ratio"
@@ -115,7 +115,7 @@ def _image_codes(width: np.ndarray, height: np.ndarray, cfg: FilterConfig) -> np
 
 def _caption_codes(captions: pa.ChunkedArray, cfg: FilterConfig) -> np.ndarray:
     scripts = frozenset(s.upper() for s in cfg.caption_scripts)
-    text = pc.utf8_trim(pc.fill_null(captions.cast(pa.string()), ""), WHITESPACE).combine_chunks()
+    text = pc.utf8_trim_whitespace(pc.fill_null(captions.cast(pa.string()), "")).combine_chunks()
     stats = _char_stats(text, _char_classes(scripts))
     chars, letters, words = stats["chars"], stats["letters"], stats["words"]
     rules = [

@@ -36,8 +36,7 @@ from plantmix.core.schema import (
     TAXON_COLUMNS,
 )
 from plantmix.core.stage import atomic_path
-from plantmix.core.text import WHITESPACE
-from plantmix.stages.captions import caption_variants_sql, pick_caption_sql
+from plantmix.stages.captions import caption_variants, pick_caption
 from plantmix.stages.sources import (
     read_image_folder,
     read_image_text_folder,
@@ -107,46 +106,82 @@ def source_batches(
             return
 
 
-def _text_sql(column: str) -> str:
-    """A column's value, NULL when missing or blank (whitespace as Python's str.strip sees it)."""
-    return f"CASE WHEN trim({column}, {sql_quote(WHITESPACE)}) <> '' THEN {column} END"
+def _text(batch: pa.RecordBatch, name: str) -> tuple[pa.Array, pa.Array]:
+    """(value, stripped value) of a reader column; both null when missing or blank (blank as
+    Python's str.strip sees it: Arrow's whitespace trim strips exactly that set, a test checks)."""
+    n = batch.num_rows
+    col = batch.column(name) if name in batch.schema.names else None
+    if col is None or col.null_count == n:
+        return pa.nulls(n, pa.string()), pa.nulls(n, pa.string())
+    stripped = pc.utf8_trim_whitespace(col)
+    blank = pc.equal(stripped, "")
+    if pc.any(blank).as_py():
+        col, stripped = (pc.if_else(blank, pa.scalar(None, pa.string()), c) for c in (col, stripped))
+    return col, stripped
 
 
-def normalise_sql(source: SourceConfig, present: list[str], allowed_schemes: list[str], seed: int) -> str:
-    """The DuckDB query turning a batch `b` (reader columns + row number `rn`) into candidate rows.
+def _drop_reasons(source: SourceConfig, url: pa.Array, path: pa.Array, allowed_schemes: list[str]) -> pa.Array:
+    """missing_image / missing_url / unsupported_url_scheme, or null."""
+    null = pa.scalar(None, pa.string())
+    if source.format != "url_list":
+        return pc.if_else(pc.is_null(path), pa.scalar(DROP_MISSING_IMAGE), null)
+    # the scheme as urllib's urlsplit reads it: tabs and newlines removed, leading C0 controls and spaces stripped
+    clean = pc.replace_substring_regex(pc.replace_substring_regex(url, r"[\t\r\n]", ""), r"^[\x00-\x20]+", "")
+    scheme = pc.utf8_lower(pc.struct_field(pc.extract_regex(clean, r"^(?P<s>[A-Za-z][A-Za-z0-9+.-]*):"), [0]))
+    allowed = pc.fill_null(pc.is_in(scheme, pa.array(allowed_schemes, pa.string())), False)
+    return pc.if_else(pc.is_null(url), pa.scalar(DROP_MISSING_URL), pc.if_else(allowed, null, pa.scalar(DROP_UNSUPPORTED_SCHEME)))
 
-    Output columns: CANDIDATE_SCHEMA in order (input_rows = 1 before repeats are counted), then `rn`.
-    """
-    local = source.format != "url_list"
-    raw = ", ".join(_text_sql(c) + f" AS {c}" if c in present else f"NULL::VARCHAR AS {c}" for c in _TEXT_COLUMNS)
-    identity = f"coalesce(source_key, {'path' if local else 'url'}, 'row:' || rn)"
-    uid = f"substr(sha256(encode({sql_quote(source.name)}) || '\\x00'::BLOB || encode({identity})), 1, 32)"
-    variants = ", ".join(f"{sql} AS caption_{name}" for name, sql in caption_variants_sql().items())
-    if local:
-        drop = f"CASE WHEN path IS NULL THEN '{DROP_MISSING_IMAGE}' END"
-    else:
-        # urllib's urlsplit: tabs and newlines removed, leading C0 controls and spaces stripped
-        clean = "regexp_replace(regexp_replace(url, '[\\t\\r\\n]', '', 'g'), '^[\\x00-\\x20]+', '')"
-        scheme = f"lower(regexp_extract({clean}, '^([A-Za-z][A-Za-z0-9+.-]*):', 1))"
-        allowed = f"{scheme} IN ({', '.join(map(sql_quote, allowed_schemes))})" if allowed_schemes else "false"
-        drop = f"CASE WHEN url IS NULL THEN '{DROP_MISSING_URL}' WHEN NOT {allowed} THEN '{DROP_UNSUPPORTED_SCHEME}' END"
-    def fallback(col: str, value: str | None) -> str:
-        return f"coalesce({col}, {sql_quote(value)})" if value is not None else col
 
-    return f"""
-        WITH n AS (SELECT rn, {raw} FROM b),
-             i AS (SELECT *, {uid} AS uid, {variants} FROM n)
-        SELECT uid, {sql_quote(source.name)} AS source, {sql_quote(source.domain)} AS domain, url, path,
-               {pick_caption_sql(source.caption, seed)} AS caption,
-               {", ".join(f"caption_{t}" for t in CAPTION_TEMPLATES)},
-               {fallback("license", source.license)} AS license,
-               {fallback("attribution", source.attribution)} AS attribution,
-               {", ".join((*TAXON_COLUMNS, "common_name"))}, source_key,
-               1::BIGINT AS input_rows, {drop} AS drop_reason, rn
-        FROM i"""
+def _hashes(con: duckdb.DuckDBPyConnection, source: str, identity: pa.Array, seed: int) -> tuple[pa.Array, np.ndarray]:
+    """uid = first 32 hex digits of sha256("<source>\\0<identity>"), and the caption pick hash: the
+    first 8 bytes (big-endian) of sha256("<uid>:<seed>")."""
+    con.register("ids", pa.table({"identity": identity}))
+    hashed = con.sql(
+        f"""SELECT uid, ('0x' || substr(sha256(uid || {sql_quote(f":{seed}")}), 1, 16))::UBIGINT AS pick
+            FROM (SELECT substr(sha256(encode({sql_quote(source)}) || '\\x00'::BLOB || encode(identity)), 1, 32) AS uid FROM ids)"""
+    ).to_arrow_table()
+    con.unregister("ids")
+    return hashed["uid"].combine_chunks(), hashed["pick"].to_numpy()
+
+
+def normalise(
+    con: duckdb.DuckDBPyConnection, source: SourceConfig, batch: pa.RecordBatch, first_row: int,
+    allowed_schemes: list[str], seed: int,
+) -> pa.Table:
+    """A reader batch → candidate rows: CANDIDATE_SCHEMA (input_rows = 1 until repeats are counted), then `rn`."""
+    n = batch.num_rows
+    value, stripped = {}, {}
+    for name in _TEXT_COLUMNS:
+        value[name], stripped[name] = _text(batch, name)
+    rn = pa.array(np.arange(first_row, first_row + n), pa.int64())
+    identity = pc.coalesce(value["source_key"], value["path" if source.format != "url_list" else "url"],
+                           pc.binary_join_element_wise("row:", rn.cast(pa.string()), ""))
+    uid, pick_hash = _hashes(con, source.name, identity, seed)
+    variants = caption_variants({c: stripped[c] for c in (*TAXON_COLUMNS, "common_name")})
+    columns = {
+        "uid": uid, "source": pa.nulls(n, pa.string()).fill_null(source.name),
+        "domain": pa.nulls(n, pa.string()).fill_null(source.domain), "url": value["url"], "path": value["path"],
+        "caption": pick_caption(source.caption, value["caption"], variants, pick_hash),
+        **{f"caption_{t}": variants[t] for t in CAPTION_TEMPLATES},
+        "license": _fallback(value["license"], source.license),
+        "attribution": _fallback(value["attribution"], source.attribution),
+        **{c: value[c] for c in (*TAXON_COLUMNS, "common_name", "source_key")},
+        "input_rows": pa.array(np.ones(n, np.int64)),
+        "drop_reason": _drop_reasons(source, value["url"], value["path"], allowed_schemes),
+        "rn": rn,
+    }
+    return pa.table(columns, schema=_NORMALISED_SCHEMA)
+
+
+def _fallback(column: pa.Array, default: str | None) -> pa.Array:
+    return column if default is None else pc.coalesce(column, pa.scalar(default))
 
 
 _NORMALISED_SCHEMA = CANDIDATE_SCHEMA.append(pa.field("rn", pa.int64()))
+_KEYS_SCHEMA = pa.schema([pa.field("uid", pa.string(), nullable=False), pa.field("rn", pa.int64())])
+# Columns with few distinct values: dictionary-encoded in candidates.parquet (the others are not
+# worth the encoder's attempt).
+_DICTIONARY_COLUMNS = [f.name for f in CANDIDATE_SCHEMA if f.name not in ("uid", "url", "path", "caption", "source_key", "input_rows")]
 
 
 def ingest_source(
@@ -155,37 +190,43 @@ def ingest_source(
 ) -> SourceIngestReport:
     """Normalise one source's batches, collapse repeated uids, append its candidates to `writer`."""
     report = SourceIngestReport(source=source.name)
-    normalised = spill / f"{source.name}.parquet"
-    with pq.ParquetWriter(normalised, _NORMALISED_SCHEMA, compression="lz4") as out:
+    # Spill: the normalised rows as Arrow IPC (cheap to write and read back), their (uid, rn) as
+    # parquet for DuckDB's group-by.
+    normalised, keys = spill / f"{source.name}.arrow", spill / f"{source.name}.keys.parquet"
+    options = pa.ipc.IpcWriteOptions(compression="lz4")
+    with pa.ipc.new_file(str(normalised), _NORMALISED_SCHEMA, options=options) as out, \
+            pq.ParquetWriter(keys, _KEYS_SCHEMA, compression="none", use_dictionary=False) as key_out:
         for batch in batches:
-            rn = pa.array(np.arange(report.rows_read, report.rows_read + batch.num_rows), pa.int64())
-            con.register("b", pa.Table.from_batches([batch]).append_column("rn", rn))
-            query = normalise_sql(source, batch.schema.names, allowed_schemes, seed)
-            out.write_table(con.sql(query).to_arrow_table().cast(_NORMALISED_SCHEMA))
-            con.unregister("b")
+            rows = normalise(con, source, batch, report.rows_read, allowed_schemes, seed)
+            out.write_table(rows)
+            key_out.write_table(rows.select(_KEYS_SCHEMA.names))
             report.rows_read += batch.num_rows
-    first, count, repeats = _repeats(con, normalised)
+    first, count, repeats = _repeats(con, keys)
     drops: dict[str, int] = {}
-    for batch in pq.ParquetFile(normalised).iter_batches(batch_size=batch_rows):
-        rn = batch["rn"].to_numpy()
-        input_rows = np.ones(len(rn), np.int64)
-        is_first, at = _find_sorted(first, rn)
-        input_rows[is_first] = count[at[is_first]]
-        kept = pa.Table.from_batches([batch]).set_column(
-            CANDIDATE_SCHEMA.get_field_index("input_rows"), "input_rows", pa.array(input_rows, pa.int64())
-        ).filter(pa.array(~_find_sorted(repeats, rn)[0])).drop(["rn"])
-        writer.write_table(kept.cast(CANDIDATE_SCHEMA))
-        report.candidates += kept.num_rows
-        for v in pc.value_counts(kept["drop_reason"].drop_null()).to_pylist():
-            drops[v["values"]] = drops.get(v["values"], 0) + v["counts"]
-    report.collapsed, report.drops = len(repeats), drops
+    with pa.memory_map(str(normalised)) as mapped:
+        spilled = pa.ipc.open_file(mapped)
+        for i in range(spilled.num_record_batches):
+            batch = spilled.get_batch(i)
+            rn = batch["rn"].to_numpy()
+            input_rows = np.ones(len(rn), np.int64)
+            is_first, at = _find_sorted(first, rn)
+            input_rows[is_first] = count[at[is_first]]
+            kept = pa.Table.from_batches([batch]).set_column(
+                CANDIDATE_SCHEMA.get_field_index("input_rows"), "input_rows", pa.array(input_rows, pa.int64())
+            ).filter(pa.array(~_find_sorted(repeats, rn)[0])).drop_columns(["rn"])
+            writer.write_table(kept.cast(CANDIDATE_SCHEMA))
+            report.candidates += kept.num_rows
+            for v in pc.value_counts(kept["drop_reason"].drop_null()).to_pylist():
+                drops[v["values"]] = drops.get(v["values"], 0) + v["counts"]
     normalised.unlink()
+    keys.unlink()
+    report.collapsed, report.drops = len(repeats), drops
     return report
 
 
-def _repeats(con: duckdb.DuckDBPyConnection, normalised: Path) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+def _repeats(con: duckdb.DuckDBPyConnection, keys: Path) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """For uids seen more than once: their first row and count (sorted by row), and every later row (sorted)."""
-    src = sql_quote(str(normalised))
+    src = sql_quote(str(keys))
     con.execute(f"CREATE OR REPLACE TEMP TABLE dups AS SELECT uid, min(rn) AS first, count(*) AS n "
                 f"FROM read_parquet({src}) GROUP BY uid HAVING count(*) > 1")
     firsts = con.sql("SELECT first, n FROM dups ORDER BY first").fetchnumpy()
@@ -215,7 +256,7 @@ def ingest_to_parquet(
     reports = []
     with tempfile.TemporaryDirectory(dir=spill_root, prefix=".ingest-") as tmp, atomic_path(out_path) as part:
         con = connect(resources, Path(tmp) / "duckdb")
-        with pq.ParquetWriter(part, CANDIDATE_SCHEMA, compression="zstd") as writer:
+        with pq.ParquetWriter(part, CANDIDATE_SCHEMA, compression="zstd", use_dictionary=_DICTIONARY_COLUMNS) as writer:
             for source in recipe.sources:
                 path = resolve_source_path(source, base_dir, demo_dir)
                 batches = source_batches(source, path, taxonomy_path(source, base_dir, demo_dir), extract_dir,
