@@ -23,9 +23,8 @@ from plantmix.core.schema import CANDIDATE_SCHEMA, CAPTION_TEMPLATES, DROP_MISSI
 from plantmix.core.stage import atomic_path
 from plantmix.mix.run import MIX_FIELDS
 from plantmix.mix.select import Selection
-from plantmix.stages.ingest import SourceIngestReport, make_uid, resolve_source_path
+from plantmix.stages.ingest import DROP_MISSING_IMAGE, SourceIngestReport, make_uid, resolve_source_path
 
-DROP_MISSING_IMAGE = "missing_image"
 
 
 # ---- ingest (url lists; the readers read whole files) ------------------------------------------------
@@ -152,13 +151,15 @@ def ingest(recipe: Recipe, base_dir: Path) -> pa.Table:
 
 # ---- filters -----------------------------------------------------------------------------------------
 
-DROP_TOO_SMALL = "image_too_small"
-DROP_ASPECT = "aspect_ratio"
-DROP_CAPTION_EMPTY = "caption_empty"
-DROP_CAPTION_SHORT = "caption_too_short"
-DROP_CAPTION_LONG = "caption_too_long"
-DROP_CAPTION_GARBAGE = "caption_garbage"
-DROP_CAPTION_SCRIPT = "caption_script"
+from plantmix.curate.filters import (  # noqa: E402
+    DROP_ASPECT,
+    DROP_CAPTION_EMPTY,
+    DROP_CAPTION_GARBAGE,
+    DROP_CAPTION_LONG,
+    DROP_CAPTION_SCRIPT,
+    DROP_CAPTION_SHORT,
+    DROP_TOO_SMALL,
+)
 
 _FILENAME_LIKE = re.compile(
     r"^\s*(img|dsc|dscn|dcim|pxl|photo|image|screenshot|p)?[\s_-]*\d{2,}[\w-]*(\.(jpe?g|png|gif|webp|heic|tiff?))?\s*$"

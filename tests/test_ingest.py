@@ -1,17 +1,21 @@
 import io
 import json
+import sys
 import tarfile
 from pathlib import Path
 
+import numpy as np
 import pandas as pd
-import pyarrow.parquet as pq
+import pyarrow as pa
 import pyarrow.compute as pc
+import pyarrow.parquet as pq
 import pytest
 from PIL import Image
 
 from plantmix.core.errors import PlantmixError
 from plantmix.stages.ingest import ingest, make_uid
 from plantmix.core.recipe import Recipe
+from plantmix.core.schema import CANDIDATE_SCHEMA, TAXON_COLUMNS
 
 ROWS = [
     {"URL": "http://a.example/1.jpg", "TEXT": "a leaf of oak", "sp": "Quercus robur"},
@@ -147,76 +151,13 @@ def test_unknown_format_rejected_by_recipe():
 
 # ---- equivalence with the per-row ingest it replaced ---------------------------------------------
 
-import hashlib  # noqa: E402
-from urllib.parse import urlsplit  # noqa: E402
-
-import numpy as np  # noqa: E402
-import pyarrow as pa  # noqa: E402
-
-from plantmix.core.schema import CANDIDATE_SCHEMA, CAPTION_TEMPLATES, TAXON_COLUMNS, TAXON_RANKS  # noqa: E402
-
-
-def _clean(v):
-    s = None if v is None else str(v).strip()
-    return s or None
-
-
-def _text(v):
-    return None if v is None or not str(v).strip() else str(v)
-
-
-def reference_variants(taxa):
-    species, common, family = _clean(taxa.get("taxon_species")), _clean(taxa.get("common_name")), _clean(taxa.get("taxon_family"))
-    lineage = [(r, _clean(taxa.get(f"taxon_{r}"))) for r in TAXON_RANKS[:-1]]
-    lineage = [(r, v) for r, v in lineage if v]
-    scientific = f"a photo of {species}." if species else None
-    common_c = f"a photo of {common}, a type of plant." if common else None
-    taxonomic = f"a photo of {species}, " + ", ".join(f"{r} {v}" for r, v in lineage) + "." if species and lineage else None
-    combined = None
-    if species and common:
-        combined = f"a photo of {common} ({species})" + (f", a plant of the family {family}." if family else ".")
-    elif species or common:
-        combined = scientific or common_c
-    return {"scientific": scientific, "common": common_c, "taxonomic": taxonomic, "combined": combined}
-
-
-def reference_caption(mode, column_caption, variants, uid, seed):
-    if mode == "column":
-        return column_caption
-    if mode == "sample":
-        options = [variants[t] for t in CAPTION_TEMPLATES if variants.get(t)]
-        if not options:
-            return column_caption
-        h = int.from_bytes(hashlib.sha256(f"{uid}:{seed}".encode()).digest()[:8], "big")
-        return options[h % len(options)]
-    return variants.get(mode) or column_caption
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
+import baseline_c2d31ad  # noqa: E402  (the per-row ingest as first written)
 
 
 def reference_ingest(source, table, allowed_schemes, seed) -> pa.Table:
-    """The per-row ingest of one url-list source, as first written."""
-    by_uid = {}
-    for i, raw in enumerate(table.to_pylist()):
-        url, key = _text(raw.get("url")), _text(raw.get("source_key"))
-        uid = make_uid(source.name, key or url or f"row:{i}")
-        if uid in by_uid:
-            by_uid[uid]["input_rows"] += 1
-            continue
-        taxa = {c: _text(raw.get(c)) for c in (*TAXON_COLUMNS, "common_name")}
-        variants = reference_variants(taxa)
-        drop = None
-        if url is None:
-            drop = "missing_url"
-        elif urlsplit(url).scheme.lower() not in allowed_schemes:
-            drop = "unsupported_url_scheme"
-        by_uid[uid] = {
-            "uid": uid, "source": source.name, "domain": source.domain, "url": url, "path": None,
-            "caption": reference_caption(source.caption, _text(raw.get("caption")), variants, uid, seed),
-            **{f"caption_{t}": variants[t] for t in CAPTION_TEMPLATES},
-            "license": _text(raw.get("license")) or source.license,
-            "attribution": _text(raw.get("attribution")) or source.attribution,
-            **taxa, "source_key": key, "input_rows": 1, "drop_reason": drop,
-        }
-    return pa.Table.from_pylist(list(by_uid.values()), schema=CANDIDATE_SCHEMA)
+    rows, _ = baseline_c2d31ad.ingest_source(source, table, allowed_schemes, seed)
+    return pa.Table.from_pylist(rows, schema=CANDIDATE_SCHEMA)
 
 
 _VALUES = [None, "", " ", "\u3000", "Quercus", " Quercus robur ", "Fagaceae", "oak", "it's", "ß\u00e9", "\u200a x\t"]
