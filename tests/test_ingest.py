@@ -1,16 +1,21 @@
 import io
 import json
+import sys
 import tarfile
 from pathlib import Path
 
+import numpy as np
 import pandas as pd
+import pyarrow as pa
 import pyarrow.compute as pc
+import pyarrow.parquet as pq
 import pytest
 from PIL import Image
 
 from plantmix.core.errors import PlantmixError
 from plantmix.stages.ingest import ingest, make_uid
 from plantmix.core.recipe import Recipe
+from plantmix.core.schema import CANDIDATE_SCHEMA, TAXON_COLUMNS
 
 ROWS = [
     {"URL": "http://a.example/1.jpg", "TEXT": "a leaf of oak", "sp": "Quercus robur"},
@@ -142,3 +147,44 @@ def test_webdataset_member_names_are_sanitised(tmp_path):
 def test_unknown_format_rejected_by_recipe():
     with pytest.raises(Exception, match="format"):
         recipe(format="zip")
+
+
+# ---- equivalence with the per-row ingest it replaced ---------------------------------------------
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
+import baseline_c2d31ad  # noqa: E402  (the per-row ingest as first written)
+
+
+def reference_ingest(source, table, allowed_schemes, seed) -> pa.Table:
+    rows, _ = baseline_c2d31ad.ingest_source(source, table, allowed_schemes, seed)
+    return pa.Table.from_pylist(rows, schema=CANDIDATE_SCHEMA)
+
+
+_VALUES = [None, "", " ", "\u3000", "Quercus", " Quercus robur ", "Fagaceae", "oak", "it's", "ß\u00e9", "\u200a x\t"]
+_URLS = [None, "", "  ", "http://a/1.jpg", "HTTPS://a/2.jpg", " http://a/3", "\thttp://a/4", "ftp://a/5", "file:///x",
+         "ht\ttp://a/6", "//a/7", "a/8.jpg", "mailto:x", "http:x", "1http://a", "h+t.t-p://a", "data:image/png,x"]
+
+
+def fuzz_url_list(n: int, seed: int) -> pa.Table:
+    rng = np.random.default_rng(seed)
+    pick = lambda values: [values[i] for i in rng.integers(0, len(values), n)]  # noqa: E731
+    urls = [u if u is None or rng.random() < 0.3 else f"{u}?{rng.integers(0, n // 2)}" for u in pick(_URLS)]
+    cols = {"url": urls, "caption": pick(_VALUES), "source_key": [None if rng.random() < 0.7 else f"k{rng.integers(0, n // 3)}" for _ in range(n)],
+            "license": pick(_VALUES), **{c: pick(_VALUES) for c in (*TAXON_COLUMNS, "common_name")}}
+    return pa.table({k: pa.array(v, pa.string()) for k, v in cols.items()})
+
+
+@pytest.mark.parametrize("mode", ["column", "sample", "scientific", "common", "taxonomic", "combined"])
+def test_same_candidates_as_the_per_row_ingest(tmp_path, mode):
+    rows = fuzz_url_list(3000, seed=len(mode))
+    path = tmp_path / "fuzz.parquet"
+    pq.write_table(rows.rename_columns(["URL" if c == "url" else "KEY" if c == "source_key" else c for c in rows.column_names]), path)
+    columns = {"url": "URL", "key": "KEY", "caption": "caption", "license": "license"}
+    r = Recipe.model_validate({"name": "t", "seed": 7, "resources": {"batch_rows": 1000}, "sources": [
+        {"name": "s", "domain": "plant", "format": "url_list", "path": str(path), "columns": columns,
+         "caption": mode, "license": "CC0"}]})
+    table, [report] = ingest(r, tmp_path, tmp_path / "x")
+    expected = reference_ingest(r.sources[0], rows, r.download.allowed_schemes, r.seed)
+    assert report.collapsed > 0 and report.rows_read == 3000
+    for name in expected.column_names:
+        assert table[name].to_pylist() == expected[name].to_pylist(), name

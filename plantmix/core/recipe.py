@@ -113,8 +113,11 @@ class FilterConfig(_Strict):
     caption_max_chars: int = Field(1000, ge=1)
     # Captions whose share of letters (any script) is below this are treated as garbage.
     caption_min_letter_ratio: float = Field(0.5, ge=0, le=1)
-    # Unicode scripts allowed in captions (e.g. [LATIN]); empty = any script.
+    # Unicode scripts allowed in captions (e.g. [LATIN]); empty = any script. A letter's script is the
+    # first word of its Unicode name (LATIN, CYRILLIC, CJK, GREEK, ...).
     caption_scripts: list[str] = Field(default_factory=list)
+    # With caption_scripts set: a caption whose share of letters outside them exceeds this is dropped.
+    caption_max_foreign_letter_ratio: float = Field(0.2, ge=0, le=1)
 
     @model_validator(mode="after")
     def _bounds(self) -> "FilterConfig":
@@ -123,6 +126,21 @@ class FilterConfig(_Strict):
         if self.caption_min_chars > self.caption_max_chars:
             raise ValueError("caption_min_chars exceeds caption_max_chars")
         return self
+
+
+_MEMORY_SIZE = r"^\s*\d+(\.\d+)?\s*(B|KB|MB|GB|TB|KiB|MiB|GiB|TiB)\s*$"
+
+
+class ResourcesConfig(_Strict):
+    """What the non-network stages may use of this machine (DuckDB, Arrow compute, process pools)."""
+
+    threads: int = Field(2, ge=1)  # DuckDB and Arrow compute threads
+    memory_limit: str = Field("4GB", pattern=_MEMORY_SIZE)  # DuckDB's limit; beyond it, it spills to disk
+    # Where DuckDB spills; relative paths are relative to the build directory. Default: <build>/.spill.
+    spill_dir: str | None = None
+    workers: int = Field(2, ge=1)  # processes for pHashing and shard writing
+    # Ingest reads and normalises sources this many rows at a time: its memory is bounded by this.
+    batch_rows: int = Field(500_000, ge=1_000)
 
 
 class Recipe(_Strict):
@@ -134,6 +152,7 @@ class Recipe(_Strict):
     download: DownloadConfig = Field(default_factory=DownloadConfig)
     dedup: DedupConfig = Field(default_factory=DedupConfig)
     filters: FilterConfig = Field(default_factory=FilterConfig)
+    resources: ResourcesConfig = Field(default_factory=ResourcesConfig)
     mix: list[MixSpec] | None = None  # run in order after the filter stage (plantmix.mix.run_mix)
 
     @model_validator(mode="after")
@@ -147,8 +166,11 @@ class Recipe(_Strict):
         return self
 
     def hash(self) -> str:
-        """Hash of the resolved recipe (defaults included), stable across key order and formatting."""
-        blob = json.dumps(self.model_dump(mode="json"), sort_keys=True)
+        """Hash of the resolved recipe (defaults included), stable across key order and formatting.
+
+        `resources` is left out: how much of a machine a build uses never changes what it builds.
+        """
+        blob = json.dumps(self.model_dump(mode="json", exclude={"resources"}), sort_keys=True)
         return hashlib.sha256(blob.encode()).hexdigest()[:16]
 
 

@@ -168,16 +168,16 @@ def read_parquet(path: Path) -> pa.Table:
 class Stage:
     """One step of a build (DESIGN §3), declared once; the build is a list of them.
 
-    A *table* stage returns its output table from `run`; the runner fingerprints its inputs and
-    parameters, skips it when `output` already carries that fingerprint, else writes the table
-    atomically and marks it. A *managed* stage (download, hashes, mixes) keeps its own per-part
+    A *table* stage returns its output table from `run` (or None after streaming it to `output`
+    atomically itself); the runner fingerprints its inputs and parameters, skips the stage when
+    `output` already carries that fingerprint, else writes the table atomically and marks it. A *managed* stage (download, hashes, mixes) keeps its own per-part
     markers and skips finished parts itself: its `run` returns whether it did any work.
     """
 
     name: str
     describe: str  # one line, for the console and the dry-run plan
     output: Path
-    run: Callable[[], pa.Table | bool]
+    run: Callable[[], pa.Table | bool | None]
     managed: bool = False
     inputs: Callable[[], list[Path]] = lambda: []
     params: dict = field(default_factory=dict)
@@ -207,8 +207,10 @@ def run_stage(stage: Stage) -> StageResult:
         ran = not is_done(stage.output, key)
         if ran:
             table = stage.run()
-            write_parquet(table, stage.output)
-            mark_done(stage.output, key, rows=table.num_rows)
+            if table is not None:
+                write_parquet(table, stage.output)
+            # None: the stage streamed its output to `output` itself (atomically)
+            mark_done(stage.output, key, rows=pq.read_metadata(stage.output).num_rows)
     summary = stage.count() if stage.count else _rows_summary(stage.output)
     return StageResult(stage.name, ran, time.perf_counter() - start, summary)
 

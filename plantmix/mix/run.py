@@ -5,10 +5,13 @@ from __future__ import annotations
 import tempfile
 from pathlib import Path
 
+import numpy as np
 import pyarrow as pa
+import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
 from plantmix.core.errors import PlantmixError
+from plantmix.core.recipe import ResourcesConfig
 from plantmix.core.stage import atomic_path, fingerprint, is_done, mark_done
 from plantmix.mix.select import Selection, read_selection_columns, select
 from plantmix.mix.spec import MixSpec
@@ -23,48 +26,78 @@ _MIX_VERSION = 1  # bump when the selection or the mix manifest layout changes
 
 
 def write_mix_manifest(
-    manifest: Path, sel: Selection, out: Path, shard_size: int, memory_limit: str = "2GB"
+    manifest: Path, sel: Selection, out: Path, shard_size: int, resources: ResourcesConfig | None = None
 ) -> None:
-    """Join the selection to the full manifest rows and write them in shard order.
+    """Gather the selected rows of the build manifest, in shard order, into `out`.
 
-    DuckDB does the join and the sort out of core; one row group per output shard lets the shard
-    writer read shard i as row group i.
+    Two streaming passes, memory bounded by one manifest row group and one bucket of
+    `resources.batch_rows` rows (rounded to whole shards): (1) read the manifest a row group at a time
+    and append each selected row, once per copy, to the spill file of its output bucket (a range of
+    shards); (2) per bucket, order by position and write one row group per shard, so the shard writer
+    reads shard i as row group i.
     """
-    import duckdb
-
-    sel_table = pa.table(
-        {"row": sel.row, "mix_repeat": sel.repeat, "repeated": sel.repeated, "mix_position": sel.position}
-    )
+    resources = resources or ResourcesConfig()
+    bucket_rows = max(1, resources.batch_rows // shard_size) * shard_size
     target = pa.schema([f.with_nullable(True) for f in pq.read_schema(manifest)] + MIX_FIELDS)
-    src = str(manifest).replace("'", "''")
-    query = f"""
-        SELECT m.* EXCLUDE (file_row_number),
-               CASE WHEN s.repeated THEN m.uid || '-' || CAST(s.mix_repeat AS VARCHAR) ELSE m.uid END AS mix_key,
-               s.mix_repeat, s.mix_position, s.mix_position // {int(shard_size)} AS mix_shard
-        FROM read_parquet('{src}', file_row_number = true) m JOIN sel_table s ON m.file_row_number = s.row
-        ORDER BY s.mix_position"""
     out.parent.mkdir(parents=True, exist_ok=True)
     with atomic_path(out) as tmp, tempfile.TemporaryDirectory(dir=out.parent, prefix=".spill-") as spill:
-        con = duckdb.connect(config={"memory_limit": memory_limit, "temp_directory": spill})
-        con.register("sel_table", sel_table)
-        reader = con.sql(query).to_arrow_reader(shard_size)
+        buckets = _spill_by_bucket(manifest, sel, shard_size, bucket_rows, target, Path(spill))
         with pq.ParquetWriter(tmp, target, compression="zstd") as writer:
-            pending: list[pa.Table] = []
-            rows = 0
-            for batch in reader:
-                pending.append(pa.Table.from_batches([batch]).cast(target))
-                rows += batch.num_rows
-                while rows >= shard_size:
-                    t = pa.concat_tables(pending)
-                    writer.write_table(t.slice(0, shard_size), row_group_size=shard_size)
-                    pending, rows = [t.slice(shard_size)], rows - shard_size
-            if rows:
-                writer.write_table(pa.concat_tables(pending), row_group_size=shard_size)
-        con.close()
+            for path in buckets:
+                with pa.memory_map(str(path)) as source:
+                    part = pa.ipc.open_file(source).read_all()
+                part = part.take(pa.array(np.argsort(part["mix_position"].to_numpy(), kind="stable")))
+                writer.write_table(part, row_group_size=shard_size)
+                path.unlink()
+        if not buckets:
+            pq.write_table(target.empty_table(), tmp, compression="zstd")
+
+
+def _spill_by_bucket(
+    manifest: Path, sel: Selection, shard_size: int, bucket_rows: int, target: pa.Schema, spill: Path
+) -> list[Path]:
+    """Pass 1 of write_mix_manifest: selected rows (with their mix columns) → one IPC file per bucket."""
+    by_row = np.argsort(sel.row, kind="stable")
+    rows_sorted = sel.row[by_row]
+    n_buckets = -(-len(sel) // bucket_rows)
+    paths = [spill / f"bucket-{k:05d}.arrow" for k in range(n_buckets)]
+    options = pa.ipc.IpcWriteOptions(compression="lz4")
+    writers = [pa.ipc.new_file(str(p), target, options=options) for p in paths]
+    pf = pq.ParquetFile(manifest)
+    start = 0
+    for rg in range(pf.num_row_groups):
+        stop = start + pf.metadata.row_group(rg).num_rows
+        a, b = np.searchsorted(rows_sorted, [start, stop])
+        if a < b:
+            picked = by_row[a:b]
+            bucket = sel.position[picked] // bucket_rows
+            order = np.argsort(bucket, kind="stable")
+            picked, bucket = picked[order], bucket[order]
+            rows = pf.read_row_group(rg).take(pa.array(sel.row[picked] - start))
+            part = _with_mix_columns(rows, sel, picked, shard_size).cast(target)
+            bounds = np.searchsorted(bucket, np.arange(n_buckets + 1))
+            for k in np.flatnonzero(np.diff(bounds)):
+                writers[k].write_table(part.slice(bounds[k], bounds[k + 1] - bounds[k]))
+        start = stop
+    for w in writers:
+        w.close()
+    return paths
+
+
+def _with_mix_columns(rows: pa.Table, sel: Selection, picked: np.ndarray, shard_size: int) -> pa.Table:
+    """Append mix_key (uid, or uid-<repeat> in a repeated domain), mix_repeat, mix_position, mix_shard."""
+    repeat = pa.array(sel.repeat[picked], pa.int32())
+    position = sel.position[picked]
+    suffixed = pc.binary_join_element_wise(rows["uid"], repeat.cast(pa.string()), "-")
+    key = pc.if_else(pa.array(sel.repeated[picked]), suffixed, rows["uid"])
+    return (rows.append_column("mix_key", key).append_column("mix_repeat", repeat)
+            .append_column("mix_position", pa.array(position, pa.int64()))
+            .append_column("mix_shard", pa.array(position // shard_size, pa.int64())))
 
 
 def run_mix(
-    build_dir: Path, spec: MixSpec, recipe_hash: str | None = None, workers: int = 1
+    build_dir: Path, spec: MixSpec, recipe_hash: str | None = None, workers: int = 1,
+    resources: ResourcesConfig | None = None,
 ) -> Path:
     """Select, shard and document one mix of a built manifest; return BUILD/mixes/<name>/.
 
@@ -75,6 +108,7 @@ def run_mix(
     from plantmix.mix.shards import write_shards
 
     build_dir = Path(build_dir)
+    resources = resources or build_resources(build_dir)
     manifest = build_dir / "manifest.parquet"
     if not manifest.is_file():
         raise PlantmixError(f"{manifest}: not found; run `plantmix build` first")
@@ -88,9 +122,18 @@ def run_mix(
     mix_manifest = mix_dir / "manifest.parquet"
     if not is_done(mix_manifest, select_key):
         sel = select(read_selection_columns(manifest, spec), spec, where=str(manifest))
-        write_mix_manifest(manifest, sel, mix_manifest, spec.shard_size)
+        write_mix_manifest(manifest, sel, mix_manifest, spec.shard_size, resources)
         mark_done(mix_manifest, select_key, rows=len(sel), available=sel.available)
     write_shards(build_dir, mix_dir, spec, select_key=select_key, recipe_hash=recipe_hash, workers=workers)
     write_card(build_dir, mix_dir)
     mark_done(mix_dir / "dataset.json", final_key)
     return mix_dir
+
+
+def build_resources(build_dir: Path) -> ResourcesConfig:
+    """The `resources:` of the recipe a build was made with (defaults when it has no lock file)."""
+    from plantmix.build import read_lock
+
+    if not (Path(build_dir) / "recipe.lock.yaml").exists():
+        return ResourcesConfig()
+    return ResourcesConfig.model_validate(read_lock(build_dir).get("recipe", {}).get("resources", {}))

@@ -23,6 +23,7 @@ import pyarrow.compute as pc
 import pyarrow.parquet as pq
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
+from plantmix.core.text import string_buffers
 from plantmix.core.errors import PlantmixError, ShortfallError
 from plantmix.core.schema import DOMAINS
 from plantmix.core.stage import atomic_path, fingerprint, is_done, mark_done
@@ -44,7 +45,7 @@ def fnv1a64(strings: pa.Array | pa.ChunkedArray) -> np.ndarray:
         strings = strings.combine_chunks() if strings.num_chunks else pa.array([], pa.string())
     if strings.null_count:
         raise PlantmixError("uid column has null values")
-    offsets, data = _string_buffers(strings)
+    offsets, data = string_buffers(strings)
     starts, lengths = offsets[:-1], np.diff(offsets)
     h = np.full(len(strings), _FNV_OFFSET, np.uint64)
     if len(strings) == 0:
@@ -64,16 +65,6 @@ def fnv1a64(strings: pa.Array | pa.ChunkedArray) -> np.ndarray:
                 live = np.flatnonzero(lengths > j)
                 h[live] = (h[live] ^ data[starts[live] + j]) * _FNV_PRIME
     return h
-
-
-def _string_buffers(strings: pa.Array) -> tuple[np.ndarray, np.ndarray]:
-    """(int64 offsets, uint8 data) of a string array, without copying the data."""
-    if strings.type != pa.large_string():
-        strings = strings.cast(pa.large_string())
-    _, offsets_buf, data_buf = strings.buffers()
-    offsets = np.frombuffer(offsets_buf, np.int64)[strings.offset : strings.offset + len(strings) + 1]
-    data = np.frombuffer(data_buf, np.uint8) if data_buf is not None else np.zeros(0, np.uint8)
-    return offsets, data
 
 
 def splitmix64(x: np.ndarray | int) -> np.ndarray:
@@ -261,7 +252,7 @@ def _first_row_with_bytes(strings: pa.Array, chars: bytes) -> int | None:
     """Index of the first string containing any of `chars` (memchr scans of the data buffer), or None."""
     if len(strings) == 0:
         return None
-    offsets, data = _string_buffers(strings)
+    offsets, data = string_buffers(strings)
     data = data[offsets[0] : offsets[-1]]
     if len(data) == 0 or data.min() > max(chars):  # e.g. hex or base64url uids: no copy, no scan
         return None

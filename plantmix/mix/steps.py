@@ -13,7 +13,8 @@ def mix_stage(ctx) -> Stage:
         did = False
         for spec in recipe.mix:
             done_before = is_done_mix(ctx, spec)
-            out = run_mix(ctx.build_dir, spec, recipe_hash=recipe.hash(), workers=recipe.download.processes_count)
+            out = run_mix(ctx.build_dir, spec, recipe_hash=recipe.hash(), workers=recipe.resources.workers,
+                          resources=recipe.resources)
             did |= not done_before
             ctx.console.print(f"  mix → {out}", highlight=False)
         return did

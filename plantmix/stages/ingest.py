@@ -3,31 +3,49 @@
 Nothing is dropped here: rows that cannot be fetched (no URL, a scheme other than the allowed ones)
 stay with a `drop_reason`, and rows repeating a uid within a source are collapsed into one row whose
 `input_rows` counts them, so `sum(input_rows)` always equals the rows read.
+
+Columnar and streamed, so memory is bounded by `resources.batch_rows` and DuckDB's memory limit, not
+by the input: each source is read a batch at a time and normalised by one DuckDB query (uid hashing,
+scheme checks, caption templates as column expressions) into a spill file; a group-by on uid finds
+the repeated rows; a second streaming pass drops them and appends the source's candidates, in input
+order, to the output.
 """
 
 from __future__ import annotations
 
 import hashlib
+import tempfile
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
-from urllib.parse import urlsplit
 
+import duckdb
+import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
+import pyarrow.parquet as pq
 
-from plantmix.stages.captions import caption_variants, pick_caption
+from plantmix.core.duck import connect, sql_quote
 from plantmix.core.errors import PlantmixError
-from plantmix.core.recipe import Recipe, SourceConfig
+from plantmix.core.recipe import Recipe, ResourcesConfig, SourceConfig
 from plantmix.core.schema import (
     CANDIDATE_SCHEMA,
     CAPTION_TEMPLATES,
+    DROP_MISSING_IMAGE,
     DROP_MISSING_URL,
     DROP_UNSUPPORTED_SCHEME,
     TAXON_COLUMNS,
 )
-from plantmix.stages.sources import read_image_folder, read_image_text_folder, read_url_list, read_webdataset
+from plantmix.core.stage import atomic_path
+from plantmix.stages.captions import caption_variants, pick_caption
+from plantmix.stages.sources import (
+    read_image_folder,
+    read_image_text_folder,
+    read_webdataset,
+    url_list_batches,
+)
 
-DROP_MISSING_IMAGE = "missing_image"
+_TEXT_COLUMNS = ("url", "path", "source_key", "caption", "license", "attribution", *TAXON_COLUMNS, "common_name")
 
 
 @dataclass
@@ -63,89 +81,202 @@ def taxonomy_path(source: SourceConfig, base_dir: Path, demo_dir: Path | None) -
     return Path(resolve_path(source.taxonomy, base_dir, demo_dir, source.name)) if source.taxonomy else None
 
 
-def read_source(source: SourceConfig, path: str, taxonomy: Path | None, extract_dir: Path) -> pa.Table:
+def source_batches(
+    source: SourceConfig, path: str, taxonomy: Path | None, extract_dir: Path, batch_rows: int
+) -> Iterator[pa.RecordBatch]:
+    """A source's rows, with our column names, `batch_rows` at a time (at most `max_rows` in all)."""
     if source.format == "url_list":
-        return read_url_list(Path(path), source.columns, source.file_format, source.name)
-    if source.format == "image_folder":
-        return read_image_folder(Path(path), source.name, taxonomy)
-    if source.format == "image_text_folder":
-        return read_image_text_folder(Path(path), source.name)
-    if source.format == "webdataset":
-        return read_webdataset(path, source.name, extract_dir / source.name)
-    raise PlantmixError(f"source '{source.name}': unknown format '{source.format}'")
+        batches = url_list_batches(Path(path), source.columns, source.file_format, source.name, batch_rows)
+    elif source.format == "image_folder":
+        batches = read_image_folder(Path(path), source.name, taxonomy).to_batches(batch_rows)
+    elif source.format == "image_text_folder":
+        batches = read_image_text_folder(Path(path), source.name).to_batches(batch_rows)
+    elif source.format == "webdataset":
+        batches = read_webdataset(path, source.name, extract_dir / source.name).to_batches(batch_rows)
+    else:
+        raise PlantmixError(f"source '{source.name}': unknown format '{source.format}'")
+    left = source.max_rows
+    for batch in batches:
+        if left is not None:
+            batch = batch.slice(0, left)
+            left -= batch.num_rows
+        if batch.num_rows:
+            yield batch
+        if left == 0:
+            return
 
 
-def _text(v: object) -> str | None:
-    if v is None:
-        return None
-    s = str(v)
-    return s if s.strip() else None
+def _text(batch: pa.RecordBatch, name: str) -> tuple[pa.Array, pa.Array]:
+    """(value, stripped value) of a reader column; both null when missing or blank (blank as
+    Python's str.strip sees it: Arrow's whitespace trim strips exactly that set, a test checks)."""
+    n = batch.num_rows
+    col = batch.column(name) if name in batch.schema.names else None
+    if col is None or col.null_count == n:
+        return pa.nulls(n, pa.string()), pa.nulls(n, pa.string())
+    stripped = pc.utf8_trim_whitespace(col)
+    blank = pc.equal(stripped, "")
+    if pc.any(blank).as_py():
+        col, stripped = (pc.if_else(blank, pa.scalar(None, pa.string()), c) for c in (col, stripped))
+    return col, stripped
+
+
+def _drop_reasons(source: SourceConfig, url: pa.Array, path: pa.Array, allowed_schemes: list[str]) -> pa.Array:
+    """missing_image / missing_url / unsupported_url_scheme, or null."""
+    null = pa.scalar(None, pa.string())
+    if source.format != "url_list":
+        return pc.if_else(pc.is_null(path), pa.scalar(DROP_MISSING_IMAGE), null)
+    # the scheme as urllib's urlsplit reads it: tabs and newlines removed, leading C0 controls and spaces stripped
+    clean = pc.replace_substring_regex(pc.replace_substring_regex(url, r"[\t\r\n]", ""), r"^[\x00-\x20]+", "")
+    scheme = pc.utf8_lower(pc.struct_field(pc.extract_regex(clean, r"^(?P<s>[A-Za-z][A-Za-z0-9+.-]*):"), [0]))
+    allowed = pc.fill_null(pc.is_in(scheme, pa.array(allowed_schemes, pa.string())), False)
+    return pc.if_else(pc.is_null(url), pa.scalar(DROP_MISSING_URL), pc.if_else(allowed, null, pa.scalar(DROP_UNSUPPORTED_SCHEME)))
+
+
+def _hashes(con: duckdb.DuckDBPyConnection, source: str, identity: pa.Array, seed: int) -> tuple[pa.Array, np.ndarray]:
+    """uid = first 32 hex digits of sha256("<source>\\0<identity>"), and the caption pick hash: the
+    first 8 bytes (big-endian) of sha256("<uid>:<seed>")."""
+    con.register("ids", pa.table({"identity": identity}))
+    hashed = con.sql(
+        f"""SELECT uid, ('0x' || substr(sha256(uid || {sql_quote(f":{seed}")}), 1, 16))::UBIGINT AS pick
+            FROM (SELECT substr(sha256(encode({sql_quote(source)}) || '\\x00'::BLOB || encode(identity)), 1, 32) AS uid FROM ids)"""
+    ).to_arrow_table()
+    con.unregister("ids")
+    return hashed["uid"].combine_chunks(), hashed["pick"].to_numpy()
+
+
+def normalise(
+    con: duckdb.DuckDBPyConnection, source: SourceConfig, batch: pa.RecordBatch, first_row: int,
+    allowed_schemes: list[str], seed: int,
+) -> pa.Table:
+    """A reader batch → candidate rows: CANDIDATE_SCHEMA (input_rows = 1 until repeats are counted), then `rn`."""
+    n = batch.num_rows
+    value, stripped = {}, {}
+    for name in _TEXT_COLUMNS:
+        value[name], stripped[name] = _text(batch, name)
+    rn = pa.array(np.arange(first_row, first_row + n), pa.int64())
+    identity = pc.coalesce(value["source_key"], value["path" if source.format != "url_list" else "url"],
+                           pc.binary_join_element_wise("row:", rn.cast(pa.string()), ""))
+    uid, pick_hash = _hashes(con, source.name, identity, seed)
+    variants = caption_variants({c: stripped[c] for c in (*TAXON_COLUMNS, "common_name")})
+    columns = {
+        "uid": uid, "source": pa.nulls(n, pa.string()).fill_null(source.name),
+        "domain": pa.nulls(n, pa.string()).fill_null(source.domain), "url": value["url"], "path": value["path"],
+        "caption": pick_caption(source.caption, value["caption"], variants, pick_hash),
+        **{f"caption_{t}": variants[t] for t in CAPTION_TEMPLATES},
+        "license": _fallback(value["license"], source.license),
+        "attribution": _fallback(value["attribution"], source.attribution),
+        **{c: value[c] for c in (*TAXON_COLUMNS, "common_name", "source_key")},
+        "input_rows": pa.array(np.ones(n, np.int64)),
+        "drop_reason": _drop_reasons(source, value["url"], value["path"], allowed_schemes),
+        "rn": rn,
+    }
+    return pa.table(columns, schema=_NORMALISED_SCHEMA)
+
+
+def _fallback(column: pa.Array, default: str | None) -> pa.Array:
+    return column if default is None else pc.coalesce(column, pa.scalar(default))
+
+
+_NORMALISED_SCHEMA = CANDIDATE_SCHEMA.append(pa.field("rn", pa.int64()))
+_KEYS_SCHEMA = pa.schema([pa.field("uid", pa.string(), nullable=False), pa.field("rn", pa.int64())])
+# Columns with few distinct values: dictionary-encoded in candidates.parquet (the others are not
+# worth the encoder's attempt).
+_DICTIONARY_COLUMNS = [f.name for f in CANDIDATE_SCHEMA if f.name not in ("uid", "url", "path", "caption", "source_key", "input_rows")]
 
 
 def ingest_source(
-    source: SourceConfig, table: pa.Table, allowed_schemes: list[str], seed: int
-) -> tuple[list[dict], SourceIngestReport]:
-    """Turn one source's rows into candidate rows (list of dicts in CANDIDATE_SCHEMA order)."""
+    con: duckdb.DuckDBPyConnection, source: SourceConfig, batches: Iterator[pa.RecordBatch],
+    allowed_schemes: list[str], seed: int, writer: pq.ParquetWriter, spill: Path, batch_rows: int,
+) -> SourceIngestReport:
+    """Normalise one source's batches, collapse repeated uids, append its candidates to `writer`."""
     report = SourceIngestReport(source=source.name)
-    if source.max_rows is not None:
-        table = table.slice(0, source.max_rows)
-    report.rows_read = table.num_rows
-    local = source.format != "url_list"
-    by_uid: dict[str, dict] = {}
-    for i, raw in enumerate(table.to_pylist()):
-        url = _text(raw.get("url"))
-        path = _text(raw.get("path"))
-        key = _text(raw.get("source_key"))
-        identity = key or (path if local else url) or f"row:{i}"
-        uid = make_uid(source.name, identity)
-        if uid in by_uid:
-            by_uid[uid]["input_rows"] += 1
-            report.collapsed += 1
-            continue
-        taxa = {c: _text(raw.get(c)) for c in (*TAXON_COLUMNS, "common_name")}
-        variants = caption_variants(taxa)
-        drop = None
-        if local:
-            if path is None:
-                drop = DROP_MISSING_IMAGE
-        elif url is None:
-            drop = DROP_MISSING_URL
-        elif urlsplit(url).scheme.lower() not in allowed_schemes:
-            drop = DROP_UNSUPPORTED_SCHEME
-        row = {
-            "uid": uid,
-            "source": source.name,
-            "domain": source.domain,
-            "url": url,
-            "path": path,
-            "caption": pick_caption(source.caption, _text(raw.get("caption")), variants, uid, seed),
-            **{f"caption_{t}": variants[t] for t in CAPTION_TEMPLATES},
-            "license": _text(raw.get("license")) or source.license,
-            "attribution": _text(raw.get("attribution")) or source.attribution,
-            **taxa,
-            "source_key": key,
-            "input_rows": 1,
-            "drop_reason": drop,
-        }
-        by_uid[uid] = row
-        if drop:
-            report.drops[drop] = report.drops.get(drop, 0) + 1
-    report.candidates = len(by_uid)
-    return list(by_uid.values()), report
+    # Spill: the normalised rows as Arrow IPC (cheap to write and read back), their (uid, rn) as
+    # parquet for DuckDB's group-by.
+    normalised, keys = spill / f"{source.name}.arrow", spill / f"{source.name}.keys.parquet"
+    options = pa.ipc.IpcWriteOptions(compression="lz4")
+    with pa.ipc.new_file(str(normalised), _NORMALISED_SCHEMA, options=options) as out, \
+            pq.ParquetWriter(keys, _KEYS_SCHEMA, compression="none", use_dictionary=False) as key_out:
+        for batch in batches:
+            rows = normalise(con, source, batch, report.rows_read, allowed_schemes, seed)
+            out.write_table(rows)
+            key_out.write_table(rows.select(_KEYS_SCHEMA.names))
+            report.rows_read += batch.num_rows
+    first, count, repeats = _repeats(con, keys)
+    drops: dict[str, int] = {}
+    with pa.memory_map(str(normalised)) as mapped:
+        spilled = pa.ipc.open_file(mapped)
+        for i in range(spilled.num_record_batches):
+            batch = spilled.get_batch(i)
+            rn = batch["rn"].to_numpy()
+            input_rows = np.ones(len(rn), np.int64)
+            is_first, at = _find_sorted(first, rn)
+            input_rows[is_first] = count[at[is_first]]
+            kept = pa.Table.from_batches([batch]).set_column(
+                CANDIDATE_SCHEMA.get_field_index("input_rows"), "input_rows", pa.array(input_rows, pa.int64())
+            ).filter(pa.array(~_find_sorted(repeats, rn)[0])).drop_columns(["rn"])
+            writer.write_table(kept.cast(CANDIDATE_SCHEMA))
+            report.candidates += kept.num_rows
+            for v in pc.value_counts(kept["drop_reason"].drop_null()).to_pylist():
+                drops[v["values"]] = drops.get(v["values"], 0) + v["counts"]
+    normalised.unlink()
+    keys.unlink()
+    report.collapsed, report.drops = len(repeats), drops
+    return report
+
+
+def _repeats(con: duckdb.DuckDBPyConnection, keys: Path) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """For uids seen more than once: their first row and count (sorted by row), and every later row (sorted)."""
+    src = sql_quote(str(keys))
+    con.execute(f"CREATE OR REPLACE TEMP TABLE dups AS SELECT uid, min(rn) AS first, count(*) AS n "
+                f"FROM read_parquet({src}) GROUP BY uid HAVING count(*) > 1")
+    firsts = con.sql("SELECT first, n FROM dups ORDER BY first").fetchnumpy()
+    later = con.sql(f"SELECT t.rn FROM read_parquet({src}) t JOIN dups d USING (uid) WHERE t.rn <> d.first ORDER BY 1").fetchnumpy()
+    con.execute("DROP TABLE dups")
+    return (np.asarray(firsts["first"], np.int64), np.asarray(firsts["n"], np.int64), np.asarray(later["rn"], np.int64))
+
+
+def _find_sorted(sorted_keys: np.ndarray, values: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """(found, position) of each value in a sorted array of distinct keys."""
+    if not len(sorted_keys):
+        return np.zeros(len(values), bool), np.zeros(len(values), np.int64)
+    at = np.searchsorted(sorted_keys, values).clip(max=len(sorted_keys) - 1)
+    return sorted_keys[at] == values, at
+
+
+def ingest_to_parquet(
+    recipe: Recipe, base_dir: Path, extract_dir: Path, demo_dir: Path | None, out_path: Path,
+    spill: Path | None = None, progress: Callable[[str, int], None] | None = None,
+) -> list[SourceIngestReport]:
+    """All sources of a recipe → `out_path` (CANDIDATE_SCHEMA, sources in recipe order, rows in input
+    order), written atomically; returns per-source reports."""
+    resources: ResourcesConfig = recipe.resources
+    out_path = Path(out_path)
+    spill_root = Path(spill) if spill is not None else out_path.parent
+    spill_root.mkdir(parents=True, exist_ok=True)
+    reports = []
+    with tempfile.TemporaryDirectory(dir=spill_root, prefix=".ingest-") as tmp, atomic_path(out_path) as part:
+        con = connect(resources, Path(tmp) / "duckdb")
+        with pq.ParquetWriter(part, CANDIDATE_SCHEMA, compression="zstd", use_dictionary=_DICTIONARY_COLUMNS) as writer:
+            for source in recipe.sources:
+                path = resolve_source_path(source, base_dir, demo_dir)
+                batches = source_batches(source, path, taxonomy_path(source, base_dir, demo_dir), extract_dir,
+                                         resources.batch_rows)
+                reports.append(ingest_source(con, source, batches, recipe.download.allowed_schemes, recipe.seed,
+                                             writer, Path(tmp), resources.batch_rows))
+                if progress:
+                    progress(source.name, reports[-1].rows_read)
+        con.close()
+        rows = sum(r.candidates for r in reports)
+        assert pq.read_metadata(part).num_rows == rows
+    return reports
 
 
 def ingest(
     recipe: Recipe, base_dir: Path, extract_dir: Path, demo_dir: Path | None = None
 ) -> tuple[pa.Table, list[SourceIngestReport]]:
-    """All sources of a recipe → one candidates table (CANDIDATE_SCHEMA), plus per-source reports."""
-    rows: list[dict] = []
-    reports = []
-    for source in recipe.sources:
-        path = resolve_source_path(source, base_dir, demo_dir)
-        table = read_source(source, path, taxonomy_path(source, base_dir, demo_dir), extract_dir)
-        source_rows, report = ingest_source(source, table, recipe.download.allowed_schemes, recipe.seed)
-        rows.extend(source_rows)
-        reports.append(report)
-    table = pa.Table.from_pylist(rows, schema=CANDIDATE_SCHEMA)
+    """All sources of a recipe → one in-memory candidates table, plus per-source reports (small inputs)."""
+    with tempfile.TemporaryDirectory() as tmp:
+        reports = ingest_to_parquet(recipe, base_dir, extract_dir, demo_dir, Path(tmp) / "candidates.parquet")
+        table = pq.read_table(Path(tmp) / "candidates.parquet")
     assert sum(r.rows_read for r in reports) == (pc.sum(table["input_rows"]).as_py() or 0)
     return table, reports

@@ -14,6 +14,8 @@ import duckdb
 import pyarrow as pa
 import pyarrow.parquet as pq
 
+from plantmix.core.duck import connect, spill_dir
+from plantmix.core.recipe import ResourcesConfig
 from plantmix.core.schema import (
     CANDIDATE_SCHEMA, DROP_DOWNLOAD_FAILED, MANIFEST_EXTRA_FIELDS, STATUS_MISSING, STATUS_NOT_ATTEMPTED,
     STATUS_UNDECODABLE,
@@ -56,13 +58,13 @@ def _register_files(con: duckdb.DuckDBPyConnection, name: str, files: pa.Table, 
         con.execute(f"CREATE TEMP TABLE {name} AS SELECT {nulls}, NULL::VARCHAR source, NULL::VARCHAR shard WHERE false")
 
 
-def join_manifest(candidates_path: Path, build_dir: Path, threads: int = 2) -> pa.Table:
+def join_manifest(candidates_path: Path, build_dir: Path, resources: ResourcesConfig | None = None) -> pa.Table:
     """One row per candidate with the download outcome, hashes and sizes (DESIGN §4 columns).
 
     keep / drop_reason here say only whether the row has a usable image; curation decides later.
     """
-    con = duckdb.connect()
-    con.execute(f"SET threads TO {int(threads)}")
+    resources = resources or ResourcesConfig()
+    con = connect(resources, spill_dir(resources, build_dir))
     _register_files(con, "dl", output_files(build_dir, "download"), _DOWNLOAD_COLUMNS)
     hash_types = {"key": "VARCHAR", "phash": "UBIGINT", "phash_mirror": "UBIGINT", "stored_bytes": "BIGINT", "phash_error": "VARCHAR"}
     assert set(hash_types) == set(HASH_SCHEMA.names)

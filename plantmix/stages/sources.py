@@ -11,6 +11,7 @@ import io
 import json
 import re
 import tarfile
+from collections.abc import Iterator
 from pathlib import Path
 
 import pyarrow as pa
@@ -20,6 +21,7 @@ import pyarrow.parquet as pq
 from braceexpand import braceexpand
 
 from plantmix.core.errors import PlantmixError
+from plantmix.core.members import split_member
 from plantmix.core.schema import TAXON_COLUMNS
 from plantmix.core.stage import atomic_path
 
@@ -28,40 +30,62 @@ IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".webp", ".bmp", ".gif", ".tif", ".
 _SAFE_NAME = re.compile(r"[^A-Za-z0-9._-]+")
 
 
-def read_url_list(path: Path, columns: dict[str, str], file_format: str | None, source: str) -> pa.Table:
-    """Read a csv/tsv/parquet/jsonl URL list and rename its columns to ours (missing optional columns → absent)."""
+def url_list_batches(
+    path: Path, columns: dict[str, str], file_format: str | None, source: str, batch_rows: int
+) -> Iterator[pa.RecordBatch]:
+    """Stream a csv/tsv/parquet/jsonl URL list as string batches with our column names.
+
+    Only the mapped columns are read. csv/tsv values are read as text (a key like `007` stays `007`);
+    jsonl is read whole (Arrow has no streaming json reader here), the others `batch_rows` at a time.
+    """
     fmt = file_format or _infer_format(path, source)
     try:
-        if fmt == "parquet":
-            table = pq.read_table(path)
-        elif fmt in ("csv", "tsv"):
-            table = pacsv.read_csv(
-                path,
-                parse_options=pacsv.ParseOptions(delimiter="\t" if fmt == "tsv" else ",", newlines_in_values=True),
-                convert_options=pacsv.ConvertOptions(strings_can_be_null=False, column_types=None),
+        names, batches = _open_url_list(path, fmt, batch_rows)
+        mapping = _column_mapping(names, columns, path, source)
+        for batch in batches(list(mapping.values())):
+            yield pa.RecordBatch.from_arrays(
+                [c if c.type == pa.string() else c.cast(pa.string()) for c in batch.select(list(mapping.values())).columns],
+                names=["source_key" if ours == "key" else ours for ours in mapping],
             )
-        else:
-            table = pajson.read_json(path)
     except FileNotFoundError:
         raise PlantmixError(f"source '{source}': file not found: {path}") from None
     except (pa.ArrowInvalid, OSError, UnicodeDecodeError) as e:
         raise PlantmixError(f"source '{source}': cannot read {path} as {fmt}: {str(e).splitlines()[0]}") from None
 
+
+def _open_url_list(path: Path, fmt: str, batch_rows: int):
+    """(column names, a function from wanted columns to an iterator of record batches)."""
+    if fmt == "parquet":
+        pf = pq.ParquetFile(path)
+        return pf.schema_arrow.names, lambda wanted: pf.iter_batches(batch_size=batch_rows, columns=wanted)
+    if fmt in ("csv", "tsv"):
+        parse = pacsv.ParseOptions(delimiter="\t" if fmt == "tsv" else ",", newlines_in_values=True)
+        names = pacsv.open_csv(path, parse_options=parse).schema.names
+
+        def batches(wanted: list[str]) -> Iterator[pa.RecordBatch]:
+            convert = pacsv.ConvertOptions(
+                strings_can_be_null=False, include_columns=wanted, column_types={n: pa.string() for n in names}
+            )
+            yield from pacsv.open_csv(path, parse_options=parse, convert_options=convert,
+                                      read_options=pacsv.ReadOptions(block_size=1 << 24))
+
+        return names, batches
+    table = pajson.read_json(path)
+    return table.column_names, lambda wanted: table.select(wanted).to_batches(batch_rows)
+
+
+def _column_mapping(names: list[str], columns: dict[str, str], path: Path, source: str) -> dict[str, str]:
+    """our column → the file's, for the mappable columns the file has (checked: url and every mapped one)."""
     mapping = {ours: columns.get(ours, ours) for ours in MAPPABLE_COLUMNS}
-    if mapping["url"] not in table.column_names:
+    if mapping["url"] not in names:
         raise PlantmixError(
             f"source '{source}': {path} has no url column '{mapping['url']}' "
-            f"(columns: {', '.join(table.column_names)}); map it with `columns: {{url: <name>}}`"
+            f"(columns: {', '.join(names)}); map it with `columns: {{url: <name>}}`"
         )
-    missing = [theirs for ours, theirs in columns.items() if theirs not in table.column_names]
+    missing = [theirs for theirs in columns.values() if theirs not in names]
     if missing:
-        raise PlantmixError(f"source '{source}': {path} lacks mapped column(s) {missing} (columns: {', '.join(table.column_names)})")
-    out = {}
-    for ours, theirs in mapping.items():
-        if theirs in table.column_names:
-            col = table.column(theirs)
-            out["source_key" if ours == "key" else ours] = col if col.type == pa.string() else col.cast(pa.string())
-    return pa.table(out)
+        raise PlantmixError(f"source '{source}': {path} lacks mapped column(s) {missing} (columns: {', '.join(names)})")
+    return {ours: theirs for ours, theirs in mapping.items() if theirs in names}
 
 
 def _infer_format(path: Path, source: str) -> str:
@@ -96,17 +120,26 @@ def read_image_folder(root: Path, source: str, taxonomy: Path | None = None) -> 
     """ImageFolder layout `root/<class>/<image>`: the class folder names the species.
 
     `Genus_species` (or `Genus species`) folder names give species and genus; an optional taxonomy
-    table adds or overrides columns per folder.
+    table adds or overrides columns per folder. Built column-wise: one small row per folder, taken
+    once per image.
     """
     _require_dir(root, source)
     taxa_by_folder = _load_taxonomy(taxonomy, source)
-    rows = []
+    folders, paths, keys, folder_of = [], [], [], []
     for cls in sorted(p for p in root.iterdir() if p.is_dir()):
         name = cls.name.replace("_", " ").strip()
-        taxa = {"taxon_species": name, "taxon_genus": name.split(" ")[0], **taxa_by_folder.get(cls.name, {})}
+        folders.append({"taxon_species": name, "taxon_genus": name.split(" ")[0], **taxa_by_folder.get(cls.name, {})})
+        resolved = cls.resolve()
         for img in sorted(p for p in cls.rglob("*") if p.suffix.lower() in IMAGE_EXTENSIONS and p.is_file()):
-            rows.append({"path": str(img.resolve()), "source_key": str(img.relative_to(root)), **taxa})
-    return _rows_to_table(rows)
+            direct = img.parent == cls and not img.is_symlink()  # resolving once per folder is then exact
+            paths.append(str(resolved / img.name) if direct else str(img.resolve()))
+            keys.append(str(img.relative_to(root)))
+            folder_of.append(len(folders) - 1)
+    taxa = _rows_to_table(folders).drop(["path"]).take(pa.array(folder_of, pa.int64()))
+    table = pa.table({"path": pa.array(paths, pa.string()), "source_key": pa.array(keys, pa.string())})
+    for name in taxa.column_names:
+        table = table.append_column(name, taxa[name])
+    return table
 
 
 def _rows_to_table(rows: list[dict]) -> pa.Table:
@@ -161,10 +194,7 @@ def read_webdataset(pattern: str, source: str, extract_dir: Path) -> pa.Table:
                 for m in tar:
                     if not m.isreg():
                         continue
-                    base = m.name.rsplit("/", 1)[-1]
-                    key, _, ext = base.partition(".")
-                    prefix = m.name.rsplit("/", 1)[0] + "/" if "/" in m.name else ""
-                    key = prefix + key
+                    key, ext = split_member(m.name)
                     if key not in samples:
                         samples[key] = {}
                         order.append(key)

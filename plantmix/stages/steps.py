@@ -8,7 +8,8 @@ from plantmix.core.errors import PlantmixError
 from plantmix.core.stage import Stage
 from plantmix.stages.download import download_source
 from plantmix.stages.hashes import HASH_VERSION, hash_shards
-from plantmix.stages.ingest import ingest, resolve_source_path, taxonomy_path
+from plantmix.core.duck import spill_dir
+from plantmix.stages.ingest import ingest_to_parquet, resolve_source_path, taxonomy_path
 from plantmix.stages.join import join_manifest
 
 
@@ -32,15 +33,16 @@ def _source_inputs(ctx) -> list[Path]:
 def ingest_stage(ctx) -> Stage:
     recipe = ctx.recipe
 
-    def run():
-        table, _ = ingest(recipe, ctx.base_dir, ctx.path("extracted"), ctx.demo_dir)
-        return table
+    out = ctx.path("candidates.parquet")
+
+    def run() -> None:  # streams into `out`: memory bounded by resources.batch_rows, not by the input
+        ingest_to_parquet(recipe, ctx.base_dir, ctx.path("extracted"), ctx.demo_dir, out, spill_dir(recipe.resources, ctx.build_dir))
 
     return Stage(
-        "ingest", "read every source into candidates.parquet", ctx.path("candidates.parquet"), run,
-        inputs=lambda: _source_inputs(ctx),
+        "ingest", "read every source into candidates.parquet", out, run, inputs=lambda: _source_inputs(ctx),
         params={"sources": [s.model_dump(mode="json") for s in recipe.sources], "seed": recipe.seed,
                 "schemes": recipe.download.allowed_schemes},
+        version=2,  # 2: columnar ingest (csv values read as text)
     )  # fmt: skip
 
 
@@ -91,7 +93,7 @@ def hashes_stage(ctx) -> Stage:
         with _progress(ctx.console) as progress:
             task = progress.add_task("perceptual hashes (shards)", total=None)
             return hash_shards(
-                ctx.path("download"), ctx.path("hashes"), workers=ctx.recipe.download.processes_count,
+                ctx.path("download"), ctx.path("hashes"), workers=ctx.recipe.resources.workers,
                 progress=lambda done, total: progress.update(task, completed=done, total=total),
             )  # fmt: skip
 
@@ -110,5 +112,5 @@ def join_stage(ctx) -> Stage:
 
     return Stage(
         "join", "downloads and hashes onto candidates", ctx.path("stages", "joined.parquet"),
-        lambda: join_manifest(candidates, ctx.build_dir), inputs=inputs, version=3,
+        lambda: join_manifest(candidates, ctx.build_dir, ctx.recipe.resources), inputs=inputs, version=3,
     )  # fmt: skip
