@@ -87,6 +87,28 @@ def mix(
     console.print(f"[green]✓[/] mix → {out}", highlight=False)
 
 
+@app.command()
+def split(
+    build_dir: Path = typer.Argument(..., help="A build directory (after `plantmix build`)."),
+    by: str = typer.Option("species", "--by", help="species: hold out whole species; image: part of each species' images."),
+    fraction: float = typer.Option(..., "--fraction", help="Share of the species (or of each species' images) to hold out, in (0, 1)."),
+    seed: int = typer.Option(0, "--seed", help="Seed of the hash that picks the held-out rows."),
+    out: Path = typer.Option(..., "--out", help="Evaluation set to write: an ImageFolder with classnames.json (must not exist or be empty)."),
+    name: Optional[str] = typer.Option(None, "--name", help="Split name [default: <by>-f<fraction>-s<seed>]."),
+) -> None:
+    """Hold out an evaluation set from a build: writes it as an ImageFolder and marks its rows (and
+    their duplicates) `held_out` in the manifest, so later mixes of the build exclude them."""
+    from plantmix.curate.split import split_build
+
+    if by not in ("species", "image"):
+        raise PlantmixError(f"--by must be species or image; got {by!r}")
+    s = split_build(build_dir, by, fraction, seed, out, name)
+    console.print(
+        f"[green]✓[/] split {s['split']}: {s['images']:,} images of {s['species']:,} species → {out}; "
+        f"{s['duplicates_excluded']:,} duplicates of them also excluded from mixes", highlight=False,
+    )
+
+
 @app.command("dedup-report")
 def dedup_report(
     build_dir: Path = typer.Argument(..., help="A build directory (after `plantmix build`)."),

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import signal
 import subprocess
@@ -9,6 +10,7 @@ import sys
 import time
 from pathlib import Path
 
+import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
 import pytest
@@ -320,3 +322,33 @@ def test_dedup_report_sweeps_radii_without_rebuilding(reference):
     assert (reference / "manifest.parquet").stat().st_mtime_ns == before
     bad = plantmix("dedup-report", str(reference), "--radius", "4,x", check=False)
     assert bad.returncode == 2 and bad.stderr.startswith("error: --radius")
+
+
+@pytest.mark.parametrize("by", ["species", "image"])
+def test_split_then_mix_excludes_held_out_rows(reference, tmp_path, by):
+    import shutil
+
+    build = tmp_path / "build"
+    shutil.copytree(reference, build)
+    before = pq.read_table(build / "manifest.parquet")
+    plantmix("split", str(build), "--by", by, "--fraction", "0.25", "--seed", "3", "--out", str(tmp_path / "eval"))
+    m = pq.read_table(build / "manifest.parquet")
+    held = set(pc.filter(m["uid"], pc.equal(m["drop_reason"], "held_out")).to_pylist())
+    assert held
+    eval_files = {p.stem for p in (tmp_path / "eval").rglob("*.*") if p.suffix != ".json"}
+    assert eval_files <= held and len(eval_files) > 0
+    names = json.loads((tmp_path / "eval" / "classnames.json").read_text())
+    assert {p.parent.name for p in (tmp_path / "eval").rglob("*.jpg")} <= set(names)
+    species_held = set(pc.filter(m["taxon_species"], pc.equal(m["drop_reason"], "held_out")).to_pylist()) - {None}
+    if by == "species":  # no kept image of a held-out species is left for training
+        kept_species = set(pc.filter(m["taxon_species"], m["keep"]).to_pylist())
+        assert not species_held & kept_species
+    f = {(r["stage"], r["reason"]): r["rows"] for r in funnel(m).to_pylist() if r["source"] == "demo_plant"}
+    assert f[("curation", "held_out")] == len(held & set(pc.filter(m["uid"], pc.equal(m["source"], "demo_plant")).to_pylist()))
+    plantmix("mix", str(build), "--ratio", "0.5", "--total", "40", "--name", "after")
+    mix = pq.read_table(build / "mixes" / "after" / "manifest.parquet")
+    assert not set(mix["uid"].to_pylist()) & held
+    held_sha = set(pc.filter(before["sha256"], pc.is_in(before["uid"], value_set=pa.array(sorted(held)))).to_pylist())
+    assert not set(mix["sha256"].to_pylist()) & held_sha  # no copy of an evaluation image either
+    bad = plantmix("split", str(build), "--fraction", "1.5", "--out", str(tmp_path / "e2"), check=False)
+    assert bad.returncode == 2 and bad.stderr.startswith("error: --fraction")

@@ -68,6 +68,8 @@ DROP_MISSING_URL = "missing_url"
 DROP_MISSING_IMAGE = "missing_image"  # a local source file that does not exist
 # download / join
 DROP_DOWNLOAD_FAILED = "download_failed"  # detail in status / error_message
+# split (`plantmix split`): set aside as evaluation data, with the rows of its duplicate group
+DROP_HELD_OUT = "held_out"
 # filters: image
 DROP_TOO_SMALL = "image_too_small"
 DROP_ASPECT = "aspect_ratio"
@@ -82,7 +84,7 @@ DROP_DUPLICATE_EXACT = "duplicate_exact"  # same sha256 as its dup_of
 DROP_DUPLICATE_NEAR = "duplicate_near"  # pHash (or its mirror's) within the radius of its dup_of's
 
 ROW_LEVEL_REASONS = (
-    DROP_UNSUPPORTED_SCHEME, DROP_MISSING_URL, DROP_MISSING_IMAGE, DROP_DOWNLOAD_FAILED, DROP_TOO_SMALL,
+    DROP_UNSUPPORTED_SCHEME, DROP_MISSING_URL, DROP_MISSING_IMAGE, DROP_DOWNLOAD_FAILED, DROP_HELD_OUT, DROP_TOO_SMALL,
     DROP_ASPECT, DROP_CAPTION_EMPTY, DROP_CAPTION_SHORT, DROP_CAPTION_LONG, DROP_CAPTION_GARBAGE,
     DROP_CAPTION_SCRIPT,
 )  # fmt: skip

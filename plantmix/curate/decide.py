@@ -1,7 +1,8 @@
 """The decision step (DESIGN §3): proposals in, `keep`, `drop_reason`, `dup_of` out — in one declared order.
 
-1. Row-level rejections: ingest and download outcomes (already on the joined rows), then the filters'
-   image and caption proposals. Rows that pass are the *survivors*.
+1. Row-level rejections: ingest and download outcomes (already on the joined rows), then rows held
+   out as evaluation data (`plantmix split`), then the filters' image and caption proposals. Rows
+   that pass are the *survivors*.
 2. Duplicate groups among survivors only, so a group is never lost while one member survives:
    exact groups (same sha256) elect their best member by the keep rule; those representatives are
    merged by pHash (equal values first, then the near pairs proposed by dedup) greedily in keep-rule
@@ -26,25 +27,33 @@ import pyarrow.compute as pc
 
 from plantmix.core.errors import PlantmixError
 from plantmix.core.recipe import DedupConfig
-from plantmix.core.schema import DECISION_FIELDS, DROP_DUPLICATE_EXACT, DROP_DUPLICATE_NEAR, pandas_readable
+from plantmix.core.schema import DECISION_FIELDS, DROP_DUPLICATE_EXACT, DROP_DUPLICATE_NEAR, DROP_HELD_OUT, pandas_readable
 from plantmix.curate.dedup import KeepRule, group_winners, sha_groups
 
 NONE = -1
 
 
 def decide(
-    joined: pa.Table, filters: pa.Table, pairs: pa.Table, cfg: DedupConfig, source_priority: dict[str, int]
+    joined: pa.Table, filters: pa.Table, pairs: pa.Table, cfg: DedupConfig, source_priority: dict[str, int],
+    held_out: pa.Table | None = None,
 ) -> pa.Table:
-    """The manifest: `joined` with the decision columns set (same rows, same order)."""
+    """The manifest: `joined` with the decision columns set (same rows, same order).
+
+    `held_out` (uid, split) lists rows set aside as evaluation data (`plantmix split`): rejected first
+    among the curation reasons, never a kept twin, never attached to one.
+    """
     if filters.num_rows != joined.num_rows or not filters["uid"].equals(joined["uid"]):
         raise PlantmixError("decide: filter proposals do not match the joined manifest; rerun the filter stage")
-    usable = joined["keep"].to_numpy(zero_copy_only=False)
+    held = np.zeros(joined.num_rows, bool)
+    if held_out is not None and held_out.num_rows:
+        held = pc.is_in(joined["uid"], value_set=held_out["uid"].combine_chunks()).to_numpy(zero_copy_only=False)
+    usable = joined["keep"].to_numpy(zero_copy_only=False) & ~held
     image_ok = pc.is_null(filters["image_reason"]).to_numpy(zero_copy_only=False)
     caption_ok = pc.is_null(filters["caption_reason"]).to_numpy(zero_copy_only=False)
     survivor = usable & image_ok & caption_ok
     rule = KeepRule(joined, source_priority, np.nonzero(usable)[0])
     target, distance = _assign(joined, survivor, usable, pairs, cfg, rule)
-    return _write(joined, filters, survivor, caption_ok & usable, target, distance)
+    return _write(joined, filters, survivor, caption_ok & usable, target, distance, held)
 
 
 # ---- assignment ---------------------------------------------------------------------------------------
@@ -171,7 +180,7 @@ def _attach_rejected(joined, survivor, usable, target, distance, phash, pairs, c
 # ---- output -------------------------------------------------------------------------------------------
 
 
-def _write(joined, filters, survivor, caption_ok, target, distance) -> pa.Table:
+def _write(joined, filters, survivor, caption_ok, target, distance, held) -> pa.Table:
     n = joined.num_rows
     uid = joined["uid"]
     has_target = target != NONE
@@ -182,7 +191,8 @@ def _write(joined, filters, survivor, caption_ok, target, distance) -> pa.Table:
     if has_target.any():
         same_sha[has_target] = pc.fill_null(pc.equal(sha.take(pa.array(np.nonzero(has_target)[0])), sha.take(pa.array(target[has_target]))), False).to_numpy(zero_copy_only=False)
     dup_reason = np.where(same_sha, DROP_DUPLICATE_EXACT, DROP_DUPLICATE_NEAR)
-    row_reason = pc.coalesce(joined["drop_reason"], filters["image_reason"], filters["caption_reason"])
+    held_reason = pa.array(np.where(held, DROP_HELD_OUT, None).tolist(), pa.string()) if held.any() else pa.nulls(n, pa.string())
+    row_reason = pc.coalesce(joined["drop_reason"], held_reason, filters["image_reason"], filters["caption_reason"])
     reason = pc.if_else(pa.array(survivor & has_target), pa.array(dup_reason), row_reason)
     reason = pc.if_else(pa.array(keep), pa.nulls(n, pa.string()), reason)
     dist = pa.array(np.where(has_target, distance, 0).astype(np.int8), mask=~has_target)

@@ -9,6 +9,7 @@ from plantmix.core.stage import Stage
 from plantmix.curate.decide import decide
 from plantmix.curate.dedup import PAIR_SCHEMA, near_pair_proposals
 from plantmix.curate.filters import filter_proposals
+from plantmix.curate.split import read_held_out
 
 DECIDE_VERSION = 1
 
@@ -57,8 +58,11 @@ def decide_stage(ctx) -> Stage:
     priority = {s.name: s.priority for s in recipe.sources}
     proposals = [ctx.path("proposals", "filters.parquet"), ctx.path("proposals", "near_pairs.parquet")]
 
+    held_dir = ctx.path("proposals", "held_out")
+
     def run():
-        return decide(pq.read_table(_joined(ctx)), *(pq.read_table(p) for p in proposals), recipe.dedup, priority)
+        held = read_held_out(held_dir)
+        return decide(pq.read_table(_joined(ctx)), *(pq.read_table(p) for p in proposals), recipe.dedup, priority, held)
 
     out = ctx.path("manifest.parquet")
 
@@ -69,7 +73,8 @@ def decide_stage(ctx) -> Stage:
         return f"{t.num_rows:,} rows, {kept:,} kept, {conflicts:,} in label-conflict groups"
 
     return Stage(
-        "decide", "the one decision", out, run, inputs=lambda: [_joined(ctx), *proposals],
+        "decide", "the one decision", out, run,
+        inputs=lambda: [_joined(ctx), *proposals, *([held_dir] if held_dir.is_dir() else [])],
         params={"dedup": recipe.dedup.model_dump(), "priority": priority}, version=DECIDE_VERSION, count=count,
     )  # fmt: skip
 
