@@ -21,7 +21,8 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 
 from plantmix.core.errors import PlantmixError
 from plantmix.core.recipe import Recipe
-from plantmix.core.stage import Stage, StageResult, atomic_write_text, run_stage
+from plantmix.core.lock import directory_lock
+from plantmix.core.stage import Stage, StageResult, atomic_write_text, remove_stale_temporaries, run_stage
 from plantmix.report import funnel, funnel_table, make_console
 
 _PACKAGES = ("plantmix-dalip", "img2dataset", "duckdb", "pyarrow", "webdataset", "open_clip_torch", "imagehash", "torch")
@@ -112,9 +113,13 @@ def run_build(
     build_dir = Path(build_dir)
     if build_dir.exists() and not build_dir.is_dir():
         raise PlantmixError(f"--out {build_dir}: exists and is not a directory")
-    build_dir.mkdir(parents=True, exist_ok=True)
+    with directory_lock(build_dir, "plantmix build"):
+        return _run_locked(recipe, build_dir, until, recipe_path, console)
+
+
+def _run_locked(recipe: Recipe, build_dir: Path, until: str | None, recipe_path: Path | None, console: Console) -> Path:
     base_dir = Path(recipe_path).resolve().parent if recipe_path else Path.cwd()
-    write_lock(recipe, build_dir)
+    remove_stale_temporaries(build_dir)
     console.rule(f"plantmix build {recipe.name} → {build_dir}")
     demo_dir = None
     if recipe.demo_world is not None:
@@ -132,6 +137,7 @@ def run_build(
             last = stage.output
             if stage.name == until:
                 break
+    write_lock(recipe, build_dir)  # only once the stages it describes have succeeded
     if until in (None, "decide", "report", "mix"):
         manifest = pq.read_table(build_dir / "manifest.parquet")
         console.print(funnel_table(funnel(manifest), title=f"Funnel — {recipe.name}"))

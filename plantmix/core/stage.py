@@ -11,6 +11,7 @@ import contextlib
 import hashlib
 import json
 import os
+import re
 import shutil
 import signal
 import time
@@ -129,6 +130,32 @@ def atomic_path(path: Path) -> Iterator[Path]:
             os.replace(tmp, path)
     finally:
         _remove(tmp)
+
+
+def remove_stale_temporaries(root: Path) -> int:
+    """Delete the temporaries (`.<name>.tmp-<pid>`, `.<name>.old-<pid>`) that killed processes left
+    under `root`; those of live processes stay. Returns how many were removed."""
+    removed = 0
+    for dirpath, dirnames, filenames in os.walk(root):
+        for name in [*dirnames, *filenames]:
+            m = _TEMP_NAME.match(name)
+            if m and not _alive(int(m.group(1))):
+                _remove(Path(dirpath) / name)
+                removed += 1
+    return removed
+
+
+_TEMP_NAME = re.compile(r"^\..+\.(?:tmp|old)-(\d+)$")
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
 
 
 def _failpoint(path: Path) -> None:

@@ -26,6 +26,7 @@ import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
 from plantmix.core.errors import PlantmixError
+from plantmix.core.lock import directory_lock
 from plantmix.core.stage import atomic_path, write_parquet
 from plantmix.mix.select import fnv1a64, selection_keys
 
@@ -78,6 +79,11 @@ def split_build(build_dir: Path, by: Literal["species", "image"], fraction: floa
         raise PlantmixError(f"--name {name!r}: use letters, digits, '.', '_' and '-'")
     if out_dir.exists() and (not out_dir.is_dir() or any(out_dir.iterdir())):
         raise PlantmixError(f"--out {out_dir}: exists and is not an empty directory")
+    with directory_lock(build_dir, "plantmix command"):
+        return _split_locked(build_dir, manifest_path, by, fraction, seed, out_dir, name)
+
+
+def _split_locked(build_dir: Path, manifest_path: Path, by, fraction: float, seed: int, out_dir: Path, name: str) -> dict:
     manifest = pq.read_table(manifest_path)
     heads = choose_held_out(manifest, by, fraction, seed)
     members = manifest.filter(pc.is_in(manifest["dup_of"], value_set=heads["uid"].combine_chunks())).column("uid")

@@ -13,6 +13,7 @@ import duckdb
 import pyarrow.parquet as pq
 
 from plantmix.report import funnel
+from plantmix.core.duck import sql_quote
 from plantmix.core.stage import atomic_write_text
 
 TOP_TAXA = 20
@@ -87,8 +88,7 @@ def write_card(build_dir: Path, mix_dir: Path) -> Path:
     build_dir, mix_dir = Path(build_dir), Path(mix_dir)
     info = json.loads((mix_dir / "dataset.json").read_text())
     con = duckdb.connect()
-    m = str(mix_dir / "manifest.parquet").replace("'", "''")
-    con.execute(f"CREATE VIEW mix AS SELECT * FROM read_parquet('{m}')")
+    con.execute(f"CREATE VIEW mix AS SELECT * FROM read_parquet({sql_quote(str(mix_dir / 'manifest.parquet'))})")
     n = info["samples"] or 1
     by_domain = con.execute("SELECT domain, count(*) FROM mix GROUP BY 1 ORDER BY 1 DESC").fetchall()
     by_source = con.execute(
