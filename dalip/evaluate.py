@@ -22,6 +22,7 @@ from torch.utils.data import DataLoader
 from dalip.data import EvalShards, expand_shards, parse_caption_field
 from dalip.errors import DalipError
 from dalip.templates import default_templates, get_templates
+from dalip.validation import LOSS_BATCH_SIZE, ValidationSpec, validation_losses, validation_markdown
 
 log = logging.getLogger(__name__)
 
@@ -57,6 +58,8 @@ class EvalConfig(BaseModel):
 
     datasets: list[DatasetSpec] = Field(default_factory=list)
     retrieval: list[RetrievalSpec] = Field(default_factory=list)
+    validation: list[ValidationSpec] = Field(default_factory=list)  # per-domain held-out loss
+    loss_batch_size: int = Field(LOSS_BATCH_SIZE, ge=2, description="pairs per fixed validation-loss batch")
     alpha: float = Field(0.5, ge=0, le=1)
     batch_size: int = Field(64, ge=1)
     workers: int = Field(0, ge=0)
@@ -78,7 +81,7 @@ def parse_spec(text: str, model: type[BaseModel]) -> BaseModel:
         return model(**values)
     except ValidationError as e:
         first = e.errors()[0]
-        raise DalipError(f"--{'dataset' if model is DatasetSpec else 'retrieval'} {text!r}: {'.'.join(map(str, first['loc']))}: {first['msg']}") from None
+        raise DalipError(f"--{'dataset' if model is DatasetSpec else 'retrieval' if model is RetrievalSpec else 'validation'} {text!r}: {'.'.join(map(str, first['loc']))}: {first['msg']}") from None
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -283,8 +286,8 @@ def means(zero_shot_results: dict[str, dict[str, Any]], metric: str = "top1") ->
 
 def evaluate(checkpoint: str | Path, cfg: EvalConfig, label: Optional[str] = None) -> dict[str, Any]:
     """Run every configured dataset; returns the JSON-able results."""
-    if not cfg.datasets and not cfg.retrieval:
-        raise DalipError("nothing to evaluate: give at least one dataset or retrieval set")
+    if not cfg.datasets and not cfg.retrieval and not cfg.validation:
+        raise DalipError("nothing to evaluate: give at least one dataset, retrieval or validation set")
     device = torch.device(cfg.device if cfg.device != "auto" else ("cuda" if torch.cuda.is_available() else "cpu"))
     model, preprocess, tokenizer, meta = load_for_eval(checkpoint, device)
     results: dict[str, Any] = {
@@ -303,6 +306,7 @@ def evaluate(checkpoint: str | Path, cfg: EvalConfig, label: Optional[str] = Non
     for spec in cfg.retrieval:
         log.info("retrieval: %s", spec.name)
         results["retrieval"][spec.name] = retrieval(model, preprocess, tokenizer, spec, cfg, device)
+    results["validation"] = validation_losses(model, preprocess, tokenizer, cfg.validation, cfg, device)
     if results["zero_shot"]:
         results["means"] = means(results["zero_shot"])
     return results
@@ -356,5 +360,5 @@ def write_results(results: dict[str, Any], out_dir: Path) -> tuple[Path, Path]:
     out_dir.mkdir(parents=True, exist_ok=True)
     json_path, md_path = out_dir / "results.json", out_dir / "results.md"
     json_path.write_text(json.dumps(_finite_or_null(results), indent=1))
-    md_path.write_text(markdown_table([results]))
+    md_path.write_text(markdown_table([results]) + validation_markdown(results))
     return json_path, md_path
