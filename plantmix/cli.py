@@ -129,6 +129,26 @@ def verify(
         raise typer.Exit(1)
 
 
+@app.command()
+def ablate(
+    recipe: Path = typer.Argument(..., help="A recipe with an `ablation:` section, or an ablation-only YAML."),
+    build_dir: Optional[Path] = typer.Option(None, "--build", help="Build directory [ablation.build, else builds/<recipe name>]."),
+    dry_run: bool = typer.Option(False, "--dry-run", help="Print the plan (runs, samples seen, GPU-hours); touch nothing."),
+) -> None:
+    """Mixing-law ablation: ratio grid → mixes → proxy dalip runs → per-domain eval → fit → suggest →
+    confirmation run, into BUILD/ablations/<name>/. Rerunning resumes: finished runs are not redone."""
+    from plantmix.ablate import load_ablation, resolve_build_dir, run_ablation
+
+    cfg, r = load_ablation(recipe)
+    if dry_run:
+        from plantmix.plan import print_ablation_plan
+
+        print_ablation_plan(cfg)
+        return
+    summary = run_ablation(cfg, resolve_build_dir(cfg, r, build_dir), r, console)
+    console.print(f"[green]✓[/] {summary['report']}", highlight=False)
+
+
 mixlaw_app = typer.Typer(
     help="Data mixing laws: fit L(r) = c + k*exp(t*r) per validation domain, suggest the plant share r*.",
     no_args_is_help=True,

@@ -10,6 +10,7 @@ from typing import Literal
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
+from plantmix.ablate import AblationConfig
 from plantmix.core.errors import PlantmixError
 from plantmix.mix.spec import MixSpec
 from plantmix.core.schema import CAPTION_TEMPLATES
@@ -137,6 +138,7 @@ class Recipe(_Strict):
     dedup: DedupConfig = Field(default_factory=DedupConfig)
     filters: FilterConfig = Field(default_factory=FilterConfig)
     mix: list[MixSpec] | None = None  # run in order after the filter stage (plantmix.mix.run_mix)
+    ablation: AblationConfig | None = None  # `plantmix ablate` (plantmix.ablate); not part of the build
 
     @model_validator(mode="after")
     def _unique_sources(self) -> "Recipe":
@@ -149,8 +151,11 @@ class Recipe(_Strict):
         return self
 
     def hash(self) -> str:
-        """Hash of the resolved recipe (defaults included), stable across key order and formatting."""
-        blob = json.dumps(self.model_dump(mode="json"), sort_keys=True)
+        """Hash of the resolved recipe (defaults included), stable across key order and formatting.
+
+        The ablation section is left out: it changes no build output.
+        """
+        blob = json.dumps(self.model_dump(mode="json", exclude={"ablation"}), sort_keys=True)
         return hashlib.sha256(blob.encode()).hexdigest()[:16]
 
 
