@@ -92,6 +92,7 @@ class AblationConfig(_Strict):
     target_step: int | None = Field(None, ge=1, description="fit a step law and the mixing law at this step")
     confirm: bool = True
     throughput: float | None = Field(None, gt=0, description="samples/s per accelerator, for the dry-run estimate")
+    torch_threads: int | None = Field(None, ge=1, description="torch CPU threads for proxy runs and evals [torch's default]")
 
     @model_validator(mode="after")
     def _check(self) -> "AblationConfig":
@@ -283,6 +284,10 @@ def run_ablation(cfg: AblationConfig, build_dir: Path, recipe=None, console: Con
     _claim(out, cfg)
     eval_cfg = load_eval_config(cfg)
     started = time.monotonic()
+    if cfg.torch_threads:
+        import torch
+
+        torch.set_num_threads(cfg.torch_threads)  # on a busy small CPU one thread per run beats contended OpenMP
 
     runs: list[ProxyRun] = []
     for seed in cfg.seeds:
