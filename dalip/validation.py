@@ -10,13 +10,13 @@ counted and reported (`unused_pairs`), never silently dropped.
 from __future__ import annotations
 
 import logging
-from typing import Any, Callable, Iterator, Literal, Sequence
+from typing import Any, Callable, Iterator, Literal
 
 import torch
 from pydantic import BaseModel, ConfigDict, Field
-from torch.utils.data import DataLoader, IterableDataset, get_worker_info
+from torch.utils.data import DataLoader, get_worker_info
 
-from dalip.data import decode_caption, decode_image, expand_shards, parse_caption_field, read_shard
+from dalip.data import EvalShards, decode_caption, decode_image, expand_shards, parse_caption_field, read_shard
 from dalip.errors import DalipError
 from dalip.loss import DALIPLoss
 
@@ -37,11 +37,8 @@ class ValidationSpec(BaseModel):
     caption_field: str = Field("txt", description="txt or a .json key; comma = fallbacks")
 
 
-class KeyedPairs(IterableDataset):
+class KeyedPairs(EvalShards):
     """(key, image tensor, caption) of every sample; an unreadable sample is an error, not a skip."""
-
-    def __init__(self, urls: Sequence[str], transform: Callable, text_fields: Sequence[str]):
-        self.urls, self.transform, self.text_fields = list(urls), transform, tuple(text_fields)
 
     def __iter__(self) -> Iterator[tuple[str, torch.Tensor, str]]:
         info = get_worker_info()

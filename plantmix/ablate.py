@@ -12,9 +12,8 @@ from __future__ import annotations
 import csv
 import io
 import json
-import math
 import time
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any, Literal
 
@@ -215,7 +214,7 @@ def points_rows(run: ProxyRun, results: list[dict[str, Any]]) -> list[dict[str, 
         for v in res["validation"].values():
             for metric in LOSS_METRICS:
                 rows.append({"ratio": run.ratio, "seed": run.seed, "step": res["step"], "domain": v["domain"],
-                             "metric": metric, "loss": repr(float(v[metric])), "run": run.name})  # fmt: skip
+                             "metric": metric, "loss": float(v[metric]), "run": run.name})  # fmt: skip
     return rows
 
 
@@ -313,7 +312,7 @@ def run_ablation(cfg: AblationConfig, build_dir: Path, recipe=None, console: Con
     observed = confirmation["observed"] if confirmation else None
     plot_law(law, out / "mixlaw.png", suggestion.ratio, observed)
     summary = {"name": cfg.name, "runs": len(runs), "points": str(points), "law": law.to_dict(),
-               "suggestion": suggestion.__dict__, "confirmation": confirmation,
+               "suggestion": asdict(suggestion), "confirmation": confirmation,
                "seconds_this_invocation": time.monotonic() - started, "report": str(out / "report.md")}  # fmt: skip
     atomic_write_text(out / "report.md", report_markdown(cfg, summary, rows))
     return summary
@@ -338,9 +337,11 @@ def _confirm(cfg: AblationConfig, build_dir: Path, out: Path, suggestion, eval_c
     run = ProxyRun(ratio, seed, mix_dir, out / "confirm" / f"r{ratio:g}-s{seed}")
     console.print(f"[confirm] ratio {ratio:g}, seed {seed}", highlight=False, markup=False)
     final = train_and_evaluate(cfg, run, eval_cfg, console)[-1]
-    law_domains = json.loads((out / "mixlaw.json").read_text())["domains"]
+    from plantmix.mixlaw.fit import MixingLaw
+
+    law = MixingLaw.read(out / "mixlaw.json")
     observed = {v["domain"]: float(v[cfg.eval.metric]) for v in final["validation"].values()}
-    predicted = {d: law_domains[d]["c"] + law_domains[d]["k"] * math.exp(law_domains[d]["t"] * ratio) for d in observed}
+    predicted = {d: float(law.domains[d].law(ratio)) for d in observed}
     return {"ratio": ratio, "seed": seed, "run": str(run.run_dir), "observed": observed, "predicted": predicted,
             "abs_rel_error": {d: abs(predicted[d] - observed[d]) / observed[d] for d in observed}}  # fmt: skip
 
@@ -349,17 +350,22 @@ def _confirm(cfg: AblationConfig, build_dir: Path, out: Path, suggestion, eval_c
 
 
 def ablation_plan(cfg: AblationConfig) -> dict[str, Any]:
-    """Runs, samples seen and estimated accelerator-hours, from the configs alone (nothing is read)."""
-    from dalip.config import load_train_config
+    """Runs, samples seen and estimated accelerator-hours, from the configs alone (nothing is read
+    but the recipe and, when the overrides do not state batch_size and model, the train config)."""
+    train = dict(cfg.train.overrides)
+    if not {"batch_size", "model"} <= set(train) and Path(cfg.train.config).is_file():
+        from dalip.config import load_train_config
 
-    train_cfg = load_train_config(cfg.train.config, {**cfg.train.overrides, "train_data": "(per ratio)", "steps": cfg.train.steps})
-    samples = cfg.train.steps * train_cfg.batch_size
+        loaded = load_train_config(cfg.train.config, {**train, "train_data": "(per ratio)", "steps": cfg.train.steps})
+        train = {"batch_size": loaded.batch_size, "model": loaded.model, **train}
+    batch = train.get("batch_size")
+    samples = cfg.train.steps * batch if batch else None
     proxy = len(cfg.ratios) * len(cfg.seeds)
     runs = proxy + int(cfg.confirm)
-    hours = samples / cfg.throughput / 3600 if cfg.throughput else None
+    hours = samples / cfg.throughput / 3600 if cfg.throughput and samples else None
     return {"name": cfg.name, "ratios": cfg.ratios, "seeds": cfg.seeds, "total": cfg.total, "proxy_runs": proxy,
-            "confirmation_runs": int(cfg.confirm), "runs": runs, "steps": cfg.train.steps, "batch_size": train_cfg.batch_size,
-            "model": train_cfg.model, "samples_per_run": samples, "epochs_per_run": samples / cfg.total,
+            "confirmation_runs": int(cfg.confirm), "runs": runs, "steps": cfg.train.steps, "batch_size": batch,
+            "model": train.get("model"), "samples_per_run": samples, "epochs_per_run": samples / cfg.total if samples else None,
             "evaluations_per_run": len(eval_steps(cfg)), "throughput": cfg.throughput, "hours_per_run": hours,
             "hours_total": None if hours is None else hours * runs}  # fmt: skip
 

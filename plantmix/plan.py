@@ -197,13 +197,14 @@ def print_ablation_plan(cfg, console: Console | None = None) -> dict:
     t = Table(title=f"Mixing-law ablation '{plan['name']}' (plantmix ablate)")
     t.add_column("item")
     t.add_column("value", justify="right")
-    hours = lambda h: "? (no throughput given)" if h is None else f"{h:,.1f} GPU-h"  # noqa: E731
+    hours = lambda h: "? (needs throughput and batch size)" if h is None else f"{h:,.1f} GPU-h"  # noqa: E731
     for item, value in (
         ("ratios", ", ".join(f"{r:g}" for r in plan["ratios"])), ("seeds", ", ".join(map(str, plan["seeds"]))),
         ("proxy runs", f"{plan['proxy_runs']:,}"), ("confirmation run", f"{plan['confirmation_runs']}"),
-        ("model", plan["model"]), ("steps × batch", f"{plan['steps']:,} × {plan['batch_size']:,}"),
-        ("samples seen per run", f"{plan['samples_per_run']:,}"), ("mix size", f"{plan['total']:,}"),
-        ("epochs of the mix per run", f"{plan['epochs_per_run']:,.2f}"), ("evaluations per run", f"{plan['evaluations_per_run']}"),
+        ("model", plan["model"] or "?"), ("steps × batch", f"{plan['steps']:,} × {_n(plan['batch_size'])}"),
+        ("samples seen per run", _n(plan["samples_per_run"])), ("mix size", f"{plan['total']:,}"),
+        ("epochs of the mix per run", "?" if plan["epochs_per_run"] is None else f"{plan['epochs_per_run']:,.2f}"),
+        ("evaluations per run", f"{plan['evaluations_per_run']}"),
         ("estimate per run", hours(plan["hours_per_run"])), ("estimate, all runs", hours(plan["hours_total"])),
     ):  # fmt: skip
         t.add_row(item, value)

@@ -67,10 +67,13 @@ def test_dry_run_plan_counts_runs_and_hours(tmp_path):
     assert plan["hours_per_run"] == pytest.approx(720 / 8.0 / 3600)
 
 
-def test_flagship_recipe_has_an_ablation_plan(capsys):
+def test_flagship_recipe_has_an_ablation_plan(capsys, monkeypatch):
     cfg, recipe = load_ablation(Path("pipelines/plantmix-13m.yaml"))
     plan = ablation_plan(cfg)
-    assert len(cfg.ratios) >= 5 and plan["hours_per_run"] > 0 and recipe.name == "plantmix-13m"
+    assert len(cfg.ratios) >= 5 and recipe.name == "plantmix-13m"
+    assert plan["hours_per_run"] == pytest.approx(5000 * 1024 / 1500 / 3600)
+    code, out, err = run_cli(["build", "pipelines/plantmix-13m.yaml", "--dry-run"], capsys, monkeypatch)
+    assert code == 0 and "Mixing-law ablation 'plantmix-13m'" in out + err and "GPU-h" in out + err
 
 
 def _ablate_subprocess(path: Path) -> subprocess.Popen:

@@ -12,13 +12,12 @@ import pytest
 import torch
 from PIL import Image
 
-from dalip.config import load_train_config
 from dalip.errors import DalipError
-from dalip.train import train
 from dalip.validation import ValidationSpec, load_pairs, validation_loss
 
 sys.path.insert(0, str(Path(__file__).parent))
 from test_data import write_shape_shards  # noqa: E402
+from test_eval import trained as checkpoint  # noqa: E402,F401  (a 2-step tiny DALIP run)
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
@@ -70,16 +69,6 @@ def test_validation_images_are_new_images(small_world):
     for sample in wds.WebDataset(str(small_world / "validation" / "plant" / "00000.tar"), shardshuffle=False).decode("pil"):
         h = imagehash.phash(sample["jpg"])
         assert min(h - s for s in served) > 8
-
-
-@pytest.fixture(scope="module")
-def checkpoint(tmp_path_factory) -> Path:
-    root = tmp_path_factory.mktemp("val")
-    shards = write_shape_shards(root / "train", num_shards=1, per_shard=16)
-    torch.set_num_threads(1)
-    cfg = load_train_config(None, dict(train_data=str(shards), runs_dir=str(root), name="m", batch_size=8, steps=2, workers=0))
-    train(cfg)
-    return cfg.run_dir
 
 
 def _eval(checkpoint: Path, val_dir: Path, out: Path, monkeypatch, *extra: str) -> dict:

@@ -28,10 +28,11 @@ class DemoWorldConfig(_Strict):
     species: int = Field(16, ge=2)
     images_per_species: int = Field(24, ge=2)
     heldout_per_species: int = Field(8, ge=1)
-    # Per-domain validation (plantmix.demo.validation): image-caption pairs and a scene classification set.
-    validation_per_species: int = Field(8, ge=1)
-    general_validation: int = Field(128, ge=1)
-    classify_per_class: int = Field(12, ge=1)
+    # Per-domain validation (plantmix.demo.validation): image-caption pairs and a scene classification
+    # set; 0 writes none (small test worlds stay small; pipelines/demo.yaml turns them on).
+    validation_per_species: int = Field(0, ge=0)
+    general_validation: int = Field(0, ge=0)
+    classify_per_class: int = Field(0, ge=0)
     general_images: int = Field(240, ge=0)
     image_size: int = Field(192, ge=32)
     seed: int = 0

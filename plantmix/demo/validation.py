@@ -91,9 +91,12 @@ def _write_classify(root: Path, config, guard) -> int:
 
 
 def write_validation(root: Path, selected: list, config, guard) -> dict[str, int]:
-    """Write the validation shards and the classification set under `root`; return their sizes."""
+    """Write the validation shards and the classification set under `root` (each only when its
+    count is positive); return their sizes."""
+    root = Path(root)
     plant, general = _plant_pairs(selected, config, guard), _general_pairs(config, guard)
-    _write_pairs(Path(root) / "validation" / "plant" / "00000.tar", plant)
-    _write_pairs(Path(root) / "validation" / "general" / "00000.tar", general)
-    return {"validation_plant": len(plant), "validation_general": len(general),
-            "classify_general": _write_classify(Path(root), config, guard)}  # fmt: skip
+    for name, samples in (("plant", plant), ("general", general)):
+        if samples:
+            _write_pairs(root / "validation" / name / "00000.tar", samples)
+    classify = _write_classify(root, config, guard) if config.classify_per_class else 0
+    return {"validation_plant": len(plant), "validation_general": len(general), "classify_general": classify}

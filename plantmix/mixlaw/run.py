@@ -3,6 +3,7 @@ and mixlaw.png; mixlaw.json → suggest.json."""
 
 from __future__ import annotations
 
+from dataclasses import asdict
 from pathlib import Path
 from typing import Any
 
@@ -26,7 +27,7 @@ def fit_points_file(
     else:
         averaged = average_seeds(final_step(frame))
     if pool is not None:
-        info["pool"] = pool.__dict__.copy()
+        info["pool"] = asdict(pool)
     law = fit_law(averaged, metric, info)
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
