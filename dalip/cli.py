@@ -93,7 +93,7 @@ def eval_(
     dataset: List[str] = typer.Option([], "--dataset", help="name=..,path=..,domain=..,classnames=..,class_field=..,templates=.."),
     retrieval: List[str] = typer.Option([], "--retrieval", help="Held-out shards for retrieval (or name=..,shards=..,caption_field=..)."),
     validation: List[str] = typer.Option([], "--validation", help="Per-domain validation loss: name=..,shards=..,domain=..[,caption_field=..]."),
-    loss_batch_size: Optional[int] = typer.Option(None, "--loss-batch-size", help="Pairs per fixed validation-loss batch [32]."),
+    loss_batch_size: Optional[int] = typer.Option(None, "--loss-batch-size", help="Pairs per fixed validation-loss batch (default: 32)."),
     alpha: Optional[float] = typer.Option(None, "--alpha", help="Combined similarity weight of s1."),
     batch_size: Optional[int] = typer.Option(None, "--batch-size"),
     workers: Optional[int] = typer.Option(None, "--workers"),

@@ -198,12 +198,16 @@ def evaluate_run(run_dir: Path, step: int, eval_cfg) -> dict[str, Any]:
 
 def train_and_evaluate(cfg: AblationConfig, run: ProxyRun, eval_cfg, console: Console) -> list[dict[str, Any]]:
     """Train (or resume, or skip when finished) one proxy run; its results per evaluated step."""
+    from dalip.checkpoint import list_checkpoints, load_meta
     from dalip.train import train
 
     started = time.monotonic()
-    summary = train(train_config(cfg, run))
+    checkpoints = list_checkpoints(run.run_dir)
+    finished = bool(checkpoints) and int(load_meta(checkpoints[-1])["step"]) >= cfg.train.steps
+    if not finished:  # a finished run is left untouched; an unfinished one resumes from its latest checkpoint
+        train(train_config(cfg, run))
     results = [evaluate_run(run.run_dir, step, eval_cfg) for step in eval_steps(cfg)]
-    verb = "trained" if summary.get("loss") is not None else "done earlier"
+    verb = "done earlier" if finished else "trained"
     console.print(f"  {run.name}: {verb}, evaluated ({time.monotonic() - started:.0f} s)", highlight=False)
     return results
 
@@ -216,6 +220,12 @@ def points_rows(run: ProxyRun, results: list[dict[str, Any]]) -> list[dict[str, 
                 rows.append({"ratio": run.ratio, "seed": run.seed, "step": res["step"], "domain": v["domain"],
                              "metric": metric, "loss": float(v[metric]), "run": run.name})  # fmt: skip
     return rows
+
+
+def accuracy_row(run: ProxyRun, results: dict[str, Any]) -> dict[str, Any]:
+    """Zero-shot top-1 per domain (combined score) of a run's final checkpoint, when the eval has datasets."""
+    means = (results.get("means") or {}).get("combined") or {}
+    return {"run": run.name, "ratio": run.ratio, "seed": run.seed, "plant": means.get("plant"), "general": means.get("general")}
 
 
 def write_points(rows: list[dict[str, Any]], path: Path) -> Path:
@@ -293,10 +303,12 @@ def run_ablation(cfg: AblationConfig, build_dir: Path, recipe=None, console: Con
         mixes = run_grid(build_dir, cfg.ratios, cfg.total, name_prefix=cfg.name, max_epochs=cfg.max_epochs, seed=seed, **cfg.mix)
         runs += [ProxyRun(r, seed, m, out / "runs" / f"r{r:g}-s{seed}") for r, m in zip(cfg.ratios, mixes)]
     console.print(f"{len(runs)} proxy runs ({len(cfg.ratios)} ratios × {len(cfg.seeds)} seeds) → {out / 'runs'}", highlight=False)
-    rows = []
+    rows, accuracy = [], []
     for i, run in enumerate(runs, 1):
         console.print(f"[{i}/{len(runs)}] ratio {run.ratio:g}, seed {run.seed}", highlight=False, markup=False)
-        rows += points_rows(run, train_and_evaluate(cfg, run, eval_cfg, console))
+        results = train_and_evaluate(cfg, run, eval_cfg, console)
+        rows += points_rows(run, results)
+        accuracy.append(accuracy_row(run, results[-1]))
     points = write_points(rows, out / "points.csv")
 
     spec0 = make_spec(ratio=cfg.ratios[0], total=cfg.total, seed=cfg.seeds[0], **cfg.mix)
@@ -314,7 +326,7 @@ def run_ablation(cfg: AblationConfig, build_dir: Path, recipe=None, console: Con
     summary = {"name": cfg.name, "runs": len(runs), "points": str(points), "law": law.to_dict(),
                "suggestion": asdict(suggestion), "confirmation": confirmation,
                "seconds_this_invocation": time.monotonic() - started, "report": str(out / "report.md")}  # fmt: skip
-    atomic_write_text(out / "report.md", report_markdown(cfg, summary, rows))
+    atomic_write_text(out / "report.md", report_markdown(cfg, summary, rows, accuracy))
     return summary
 
 
@@ -373,7 +385,11 @@ def ablation_plan(cfg: AblationConfig) -> dict[str, Any]:
 # ---- report -----------------------------------------------------------------------------------
 
 
-def report_markdown(cfg: AblationConfig, summary: dict[str, Any], rows: list[dict[str, Any]]) -> str:
+def _pct(x: float | None) -> str:
+    return "–" if x is None or x != x else f"{100 * x:.1f}"
+
+
+def report_markdown(cfg: AblationConfig, summary: dict[str, Any], rows: list[dict[str, Any]], accuracy: list[dict[str, Any]]) -> str:
     law = summary["law"]
     lines = [f"# Mixing-law ablation `{cfg.name}`", "",
              f"{summary['runs']} proxy runs: ratios {', '.join(f'{r:g}' for r in cfg.ratios)} × seeds "
@@ -400,6 +416,10 @@ def report_markdown(cfg: AblationConfig, summary: dict[str, Any], rows: list[dic
                   "| domain | predicted | observed | abs rel error |", "|---|---:|---:|---:|"]  # fmt: skip
         for d in sorted(c["observed"]):
             lines.append(f"| {d} | {c['predicted'][d]:.4f} | {c['observed'][d]:.4f} | {100 * c['abs_rel_error'][d]:.2f} % |")
+        lines.append("")
+    if any(a["plant"] is not None or a["general"] is not None for a in accuracy):
+        lines += ["## Zero-shot top-1 (%, combined score) per run", "", "| run | ratio | seed | plant | general |", "|---|---:|---:|---:|---:|"]
+        lines += [f"| {a['run']} | {a['ratio']:g} | {a['seed']} | {_pct(a['plant'])} | {_pct(a['general'])} |" for a in accuracy]
         lines.append("")
     lines += ["![mixing law](mixlaw.png)", "",
               f"Files: `points.csv` ({len(rows)} rows), `mixlaw.json`, `suggest.json`, `runs/*/eval/*/results.json`.", ""]
