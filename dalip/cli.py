@@ -92,6 +92,8 @@ def eval_(
     domain: str = typer.Option("plant", "--domain", help="Domain of the --imagefolder sets: plant or general."),
     dataset: List[str] = typer.Option([], "--dataset", help="name=..,path=..,domain=..,classnames=..,class_field=..,templates=.."),
     retrieval: List[str] = typer.Option([], "--retrieval", help="Held-out shards for retrieval (or name=..,shards=..,caption_field=..)."),
+    validation: List[str] = typer.Option([], "--validation", help="Per-domain validation loss: name=..,shards=..,domain=..[,caption_field=..]."),
+    loss_batch_size: Optional[int] = typer.Option(None, "--loss-batch-size", help="Pairs per fixed validation-loss batch (default: 32)."),
     alpha: Optional[float] = typer.Option(None, "--alpha", help="Combined similarity weight of s1."),
     batch_size: Optional[int] = typer.Option(None, "--batch-size"),
     workers: Optional[int] = typer.Option(None, "--workers"),
@@ -105,6 +107,7 @@ def eval_(
     from pydantic import ValidationError
 
     from dalip.evaluate import DatasetSpec, EvalConfig, RetrievalSpec, evaluate, parse_spec, write_results
+    from dalip.validation import ValidationSpec
 
     _setup_logging()
     values = {}
@@ -112,7 +115,7 @@ def eval_(
         if not config.is_file():
             raise DalipError(f"eval config not found: {config}")
         values = yaml.safe_load(config.read_text()) or {}
-    values.update({k: v for k, v in {"alpha": alpha, "batch_size": batch_size, "workers": workers, "device": device}.items() if v is not None})
+    values.update({k: v for k, v in {"alpha": alpha, "batch_size": batch_size, "workers": workers, "device": device, "loss_batch_size": loss_batch_size}.items() if v is not None})
     try:
         cfg = EvalConfig(**values)
     except ValidationError as e:
@@ -122,6 +125,7 @@ def eval_(
         cfg.datasets.append(DatasetSpec(name=Path(path.rstrip("/")).name, path=path, kind="imagefolder", domain=domain))
     cfg.datasets += [parse_spec(s, DatasetSpec) for s in dataset]
     cfg.retrieval += [parse_spec(s, RetrievalSpec) for s in retrieval]
+    cfg.validation += [parse_spec(s, ValidationSpec) for s in validation]
     results = evaluate(checkpoint, cfg, label=label)
     if out is None:
         is_checkpoint = results["model_kind"] == "dalip-checkpoint"

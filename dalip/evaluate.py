@@ -29,6 +29,7 @@ from dalip.data import EvalShards, expand_shards, parse_caption_field
 from dalip.encoders import Encoder, load_encoder
 from dalip.errors import DalipError
 from dalip.labelled import DatasetSpec, class_embeddings, describe, embed_labelled, image_embeddings, load_classnames
+from dalip.validation import LOSS_BATCH_SIZE, ValidationSpec, validation_losses, validation_markdown
 
 __all__ = ["DatasetSpec", "EvalConfig", "RetrievalSpec", "evaluate", "load_classnames", "load_for_eval", "write_results"]
 
@@ -53,6 +54,8 @@ class EvalConfig(BaseModel):
 
     datasets: list[DatasetSpec] = Field(default_factory=list)
     retrieval: list[RetrievalSpec] = Field(default_factory=list)
+    validation: list[ValidationSpec] = Field(default_factory=list)  # per-domain held-out loss
+    loss_batch_size: int = Field(LOSS_BATCH_SIZE, ge=2, description="pairs per fixed validation-loss batch")
     alpha: float = Field(0.5, ge=0, le=1)
     batch_size: int = Field(64, ge=1)
     workers: int = Field(0, ge=0)
@@ -74,7 +77,7 @@ def parse_spec(text: str, model: type[BaseModel]) -> BaseModel:
         return model(**values)
     except ValidationError as e:
         first = e.errors()[0]
-        raise DalipError(f"--{'dataset' if model is DatasetSpec else 'retrieval'} {text!r}: {'.'.join(map(str, first['loc']))}: {first['msg']}") from None
+        raise DalipError(f"--{'dataset' if model is DatasetSpec else 'retrieval' if model is RetrievalSpec else 'validation'} {text!r}: {'.'.join(map(str, first['loc']))}: {first['msg']}") from None
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -201,8 +204,8 @@ def means(zero_shot_results: dict[str, dict[str, Any]], metric: str = "top1") ->
 
 def evaluate(checkpoint: str | Path, cfg: EvalConfig, label: Optional[str] = None) -> dict[str, Any]:
     """Run every configured dataset; returns the JSON-able results."""
-    if not cfg.datasets and not cfg.retrieval:
-        raise DalipError("nothing to evaluate: give at least one dataset or retrieval set")
+    if not cfg.datasets and not cfg.retrieval and not cfg.validation:
+        raise DalipError("nothing to evaluate: give at least one dataset, retrieval or validation set")
     device = torch.device(cfg.device if cfg.device != "auto" else ("cuda" if torch.cuda.is_available() else "cpu"))
     encoder = load_encoder(checkpoint, device)
     info = encoder.info
@@ -225,6 +228,7 @@ def evaluate(checkpoint: str | Path, cfg: EvalConfig, label: Optional[str] = Non
     for spec in cfg.retrieval:
         log.info("retrieval: %s", spec.name)
         results["retrieval"][spec.name] = retrieval(encoder, spec, cfg, device)
+    results["validation"] = validation_losses(encoder, cfg.validation, cfg, device)
     if results["zero_shot"]:
         results["means"] = means(results["zero_shot"])
     return results
@@ -317,7 +321,7 @@ def write_results(results: dict[str, Any], out_dir: Path) -> tuple[Path, Path]:
     out_dir = Path(out_dir)
     kept = out_dir / results_dir_name(results)
     kept.mkdir(parents=True, exist_ok=True)
-    text, table = json.dumps(_finite_or_null(results), indent=1), markdown_table([results])
+    text, table = json.dumps(_finite_or_null(results), indent=1), markdown_table([results]) + validation_markdown(results)
     for folder in (kept, out_dir):
         write_text_atomic(folder / "results.json", text)
         write_text_atomic(folder / "results.md", table)

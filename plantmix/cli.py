@@ -58,7 +58,9 @@ def stats(build_dir: Path = typer.Argument(..., help="A build directory.")) -> N
 @app.command()
 def mix(
     build_dir: Path = typer.Argument(..., help="A build directory (with manifest.parquet)."),
-    ratio: Optional[float] = typer.Option(None, "--ratio", help="Plant share r: round(r*total) plant rows."),
+    ratio: Optional[str] = typer.Option(
+        None, "--ratio", help="Plant share r: round(r*total) plant rows. A comma list (0.1,0.3,0.5) writes one nested mix per ratio."
+    ),
     total: Optional[int] = typer.Option(None, "--total", help="Rows in the mix (with --ratio)."),
     plant: Optional[int] = typer.Option(None, "--plant", help="Absolute plant rows (instead of --ratio/--total)."),
     general: Optional[int] = typer.Option(None, "--general", help="Absolute general rows."),
@@ -72,11 +74,24 @@ def mix(
     shard_size: int = typer.Option(10_000, "--shard-size", help="Samples per output shard."),
     caption_field: str = typer.Option("caption", "--caption-field", help="Manifest column written as <key>.txt."),
     workers: int = typer.Option(1, "--workers", help="Processes for indexing and shard writing."),
+    max_epochs: Optional[float] = typer.Option(
+        None, "--max-epochs", help="Ratio grids: most passes over a domain's pool with --allow-repeat (default: 15)."
+    ),
 ) -> None:
     """Select a plant/general mix (hash-ordered, nested across sizes) and write shuffled webdataset shards."""
     from plantmix.mix.spec import make_spec
     from plantmix.mix.run import run_mix
 
+    if ratio is not None and "," in ratio:
+        _mix_grid(build_dir, ratio, total, name, max_epochs, workers, seed=seed,
+                  per_taxon_cap=per_taxon_cap, per_genus_cap=per_genus_cap, per_family_cap=per_family_cap,
+                  source_weights=source_weight, allow_repeat=allow_repeat, shard_size=shard_size,
+                  caption_field=caption_field, plant=plant, general=general)  # fmt: skip
+        return
+    if ratio is not None:
+        from plantmix.mix.grid import parse_ratios
+
+        ratio = parse_ratios(ratio)[0]
     spec = make_spec(
         ratio=ratio, total=total, plant=plant, general=general, seed=seed, name=name,
         per_taxon_cap=per_taxon_cap, per_genus_cap=per_genus_cap, per_family_cap=per_family_cap,
@@ -85,6 +100,18 @@ def mix(
     )  # fmt: skip
     out = run_mix(build_dir, spec, workers=workers)
     console.print(f"[green]✓[/] mix → {out}", highlight=False)
+
+
+def _mix_grid(build_dir: Path, ratios: str, total: Optional[int], prefix: Optional[str], max_epochs: Optional[float],
+              workers: int, plant: Optional[int], general: Optional[int], **options) -> None:
+    from plantmix.mix.grid import parse_ratios, run_grid
+
+    if plant is not None or general is not None:
+        raise PlantmixError("a ratio grid takes --ratio and --total, not --plant / --general")
+    if total is None:
+        raise PlantmixError("a ratio grid needs --total")
+    for out in run_grid(build_dir, parse_ratios(ratios), total, prefix, max_epochs, workers, **options):
+        console.print(f"[green]✓[/] mix → {out}", highlight=False)
 
 
 @app.command()
@@ -155,6 +182,82 @@ def verify(
     print_report(report, Console())
     if not report.ok:
         raise typer.Exit(1)
+
+
+@app.command()
+def ablate(
+    recipe: Path = typer.Argument(..., help="A recipe with an `ablation:` section, or an ablation-only YAML."),
+    build_dir: Optional[Path] = typer.Option(None, "--build", help="Build directory (default: ablation.build, else builds/<recipe name>)."),
+    dry_run: bool = typer.Option(False, "--dry-run", help="Print the plan (runs, samples seen, GPU-hours); touch nothing."),
+) -> None:
+    """Mixing-law ablation: ratio grid → mixes → proxy dalip runs → per-domain eval → fit → suggest →
+    confirmation run, into BUILD/ablations/<name>/. Rerunning resumes: finished runs are not redone."""
+    from plantmix.ablate import load_ablation, resolve_build_dir, run_ablation
+
+    cfg, r = load_ablation(recipe)
+    if dry_run:
+        from plantmix.plan import print_ablation_plan
+
+        print_ablation_plan(cfg)
+        return
+    summary = run_ablation(cfg, resolve_build_dir(cfg, r, build_dir), r, console)
+    console.print(f"[green]✓[/] {summary['report']}", highlight=False)
+
+
+mixlaw_app = typer.Typer(
+    help="Data mixing laws: fit L(r) = c + k*exp(t*r) per validation domain, suggest the plant share r*.",
+    no_args_is_help=True,
+)
+app.add_typer(mixlaw_app, name="mixlaw")
+
+
+@mixlaw_app.command("fit")
+def mixlaw_fit(
+    points: Path = typer.Argument(..., help="csv/parquet with columns ratio, domain, loss (optional: seed, step, metric)."),
+    out: Path = typer.Option(..., "--out", "-o", help="Output directory for mixlaw.json and mixlaw.png."),
+    metric: Optional[str] = typer.Option(None, "--metric", help="Metric to fit when the points hold several (default: combined)."),
+    target_step: Optional[int] = typer.Option(
+        None, "--target-step", help="Fit a step law per ratio and the mixing law on its predictions at this step (default: off, the last step of each run)."
+    ),
+) -> None:
+    """Fit the mixing law per domain (two-stage and joint fits, the better on held-out ratios)."""
+    from plantmix.mixlaw.run import fit_points_file
+
+    law = fit_points_file(points, out, metric=metric, target_step=target_step)
+    for name, f in law.domains.items():
+        loo = "n/a" if f.loo_mean_abs_rel_error is None else f"{100 * f.loo_mean_abs_rel_error:.2f} %"
+        console.print(f"{name}: L(r) = {f.c:.4g} + {f.k:.4g}·exp({f.t:.4g}·r)  [{f.method}; leave-one-out error {loo}]", markup=False)
+    console.print(f"[green]✓[/] {out}/mixlaw.json, {out}/mixlaw.png", highlight=False)
+
+
+@mixlaw_app.command("suggest")
+def mixlaw_suggest(
+    law_dir: Path = typer.Argument(..., help="Directory with mixlaw.json (from `plantmix mixlaw fit`)."),
+    weights: Optional[str] = typer.Option(None, "--weights", help="Minimise the weighted sum, e.g. plant=0.5,general=0.5."),
+    general_tolerance: Optional[float] = typer.Option(
+        None, "--general-tolerance", help="Largest r whose general loss stays within this fraction above the reference."
+    ),
+    reference_ratio: Optional[float] = typer.Option(None, "--reference-ratio", help="Reference: the law's general loss at this r."),
+    reference_loss: Optional[float] = typer.Option(None, "--reference-loss", help="Reference: this general loss (e.g. the starting checkpoint's)."),
+    plant_pool: Optional[int] = typer.Option(None, "--plant-pool", help="Kept plant rows available (default: from mixlaw.json)."),
+    target_total: Optional[int] = typer.Option(None, "--target-total", help="Samples of the target mix (default: from mixlaw.json)."),
+    max_epochs: Optional[float] = typer.Option(None, "--max-epochs", help="Most passes over the plant pool (default: 15)."),
+    out: Optional[Path] = typer.Option(None, "--out", "-o", help="Output file (default: DIR/suggest.json)."),
+) -> None:
+    """Suggest r*, bounded by the plant pool's repeat limit; prints it with the predicted losses."""
+    from plantmix.mixlaw.fit import MixingLaw
+    from plantmix.mixlaw.run import pool_limit, suggest_to_file
+    from plantmix.mixlaw.suggest import parse_weights
+
+    pool = pool_limit(MixingLaw.read(law_dir), plant_pool, target_total, max_epochs)
+    suggestion, path = suggest_to_file(
+        law_dir, parse_weights(weights) if weights is not None else None, general_tolerance,
+        reference_ratio, reference_loss, pool, out,
+    )  # fmt: skip
+    losses = ", ".join(f"{d} {v:.4f}" for d, v in suggestion.predicted.items())
+    bound = " (bounded by the plant pool)" if suggestion.bounded_by_pool else ""
+    print(f"r* = {suggestion.ratio:.4f}{bound}; predicted loss: {losses}")
+    console.print(f"[green]✓[/] {path}", highlight=False)
 
 
 def main() -> None:

@@ -175,5 +175,34 @@ def print_plan(recipe: Recipe, recipe_path: str | Path | None = None, console: C
         f"{_human_bytes(SHARD_WRITE_BYTES)}/s. Manifest stages (DuckDB) take minutes and are left out.",
         highlight=False,
     )
+    if recipe.ablation is not None:
+        print_ablation_plan(recipe.ablation, console)
     console.print("[dim]dry run: nothing was downloaded, read or written.[/]")
+    return plan
+
+
+def print_ablation_plan(cfg, console: Console | None = None) -> dict:
+    """The mixing-law ablation's runs, samples seen and estimated accelerator-hours (plantmix.ablate)."""
+    from plantmix.ablate import ablation_plan
+
+    console = console or make_console()
+    plan = ablation_plan(cfg)
+    t = Table(title=f"Mixing-law ablation '{plan['name']}' (plantmix ablate)")
+    t.add_column("item")
+    t.add_column("value", justify="right")
+    hours = lambda h: "? (needs throughput and batch size)" if h is None else f"{h:,.1f} GPU-h"  # noqa: E731
+    for item, value in (
+        ("ratios", ", ".join(f"{r:g}" for r in plan["ratios"])), ("seeds", ", ".join(map(str, plan["seeds"]))),
+        ("proxy runs", f"{plan['proxy_runs']:,}"), ("confirmation run", f"{plan['confirmation_runs']}"),
+        ("model", plan["model"] or "?"), ("steps × batch", f"{plan['steps']:,} × {_n(plan['batch_size'])}"),
+        ("samples seen per run", _n(plan["samples_per_run"])), ("mix size", f"{plan['total']:,}"),
+        ("epochs of the mix per run", "?" if plan["epochs_per_run"] is None else f"{plan['epochs_per_run']:,.2f}"),
+        ("evaluations per run", f"{plan['evaluations_per_run']}"),
+        ("estimate per run", hours(plan["hours_per_run"])), ("estimate, all runs", hours(plan["hours_total"])),
+    ):  # fmt: skip
+        t.add_row(item, value)
+    console.print(t)
+    if plan["throughput"]:
+        console.print(f"Assumption: {plan['throughput']:,.0f} training samples/s per GPU (ablation.throughput); "
+                      "evaluation time is left out.", highlight=False)  # fmt: skip
     return plan

@@ -10,6 +10,7 @@ from typing import Literal
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
+from plantmix.ablate import AblationConfig
 from plantmix.core.errors import PlantmixError
 from plantmix.mix.spec import MixSpec
 from plantmix.core.schema import CAPTION_TEMPLATES
@@ -27,6 +28,11 @@ class DemoWorldConfig(_Strict):
     species: int = Field(16, ge=2)
     images_per_species: int = Field(24, ge=2)
     heldout_per_species: int = Field(8, ge=1)
+    # Per-domain validation (plantmix.demo.validation): image-caption pairs and a scene classification
+    # set; 0 writes none (small test worlds stay small; pipelines/demo.yaml turns them on).
+    validation_per_species: int = Field(0, ge=0)
+    general_validation: int = Field(0, ge=0)
+    classify_per_class: int = Field(0, ge=0)
     general_images: int = Field(240, ge=0)
     image_size: int = Field(192, ge=32)
     seed: int = 0
@@ -154,6 +160,7 @@ class Recipe(_Strict):
     filters: FilterConfig = Field(default_factory=FilterConfig)
     resources: ResourcesConfig = Field(default_factory=ResourcesConfig)
     mix: list[MixSpec] | None = None  # run in order after the filter stage (plantmix.mix.run_mix)
+    ablation: AblationConfig | None = None  # `plantmix ablate` (plantmix.ablate); not part of the build
 
     @model_validator(mode="after")
     def _unique_sources(self) -> "Recipe":
@@ -168,9 +175,10 @@ class Recipe(_Strict):
     def hash(self) -> str:
         """Hash of the resolved recipe (defaults included), stable across key order and formatting.
 
-        `resources` is left out: how much of a machine a build uses never changes what it builds.
+        `resources` and `ablation` are left out: how much of a machine a build uses, and what
+        ablations are run on it, never change what it builds.
         """
-        blob = json.dumps(self.model_dump(mode="json", exclude={"resources"}), sort_keys=True)
+        blob = json.dumps(self.model_dump(mode="json", exclude={"resources", "ablation"}), sort_keys=True)
         return hashlib.sha256(blob.encode()).hexdigest()[:16]
 
 

@@ -776,10 +776,16 @@ def _shape(d: ImageDraw.ImageDraw, kind: str, c, r: float, color, rng) -> None:
         d.polygon(_poly(np.asarray(c) + np.stack([rad * np.cos(a), rad * np.sin(a)], 1)), fill=color, outline=outline)
 
 
-def draw_scene(rng: np.random.Generator, size: int) -> tuple[Image.Image, str]:
-    """A general-domain image (houses, cars, boats, skies, geometric shapes; no plants) and its caption."""
+SCENE_KINDS = ("street", "sea", "sky", "shapes", "night")
+
+
+def draw_scene(rng: np.random.Generator, size: int, kind: str | None = None) -> tuple[Image.Image, str]:
+    """A general-domain image (houses, cars, boats, skies, geometric shapes; no plants) and its caption.
+
+    `kind` (one of SCENE_KINDS) fixes the scene class; by default it is drawn from rng.
+    """
     S = size * SS
-    kind = str(rng.choice(["street", "sea", "sky", "shapes", "night"], p=[0.25, 0.15, 0.15, 0.35, 0.1]))
+    kind = kind or str(rng.choice(list(SCENE_KINDS), p=[0.25, 0.15, 0.15, 0.35, 0.1]))
     parts: list[str] = []
     if kind == "shapes":
         bg_name = str(rng.choice(["white", "grey", "black", "blue", "yellow", "pink"]))

@@ -10,6 +10,7 @@
     ground_truth.parquet    one row per URL-list row: list, row, key, url, fault, dup_of_url, species,
                             dup_phash_distance
     eval/<genus_species>/NNNN.png, eval/classnames.json   held-out images of the same species
+    validation/{plant,general}/00000.tar, classify/         per-domain validation (plantmix.demo.validation)
 
 URLs use the port-free base DEMO_BASE_URL, so uids stay stable across runs; the pipeline rewrites the
 prefix to the live server's address (see plantmix.demo.server.live_url) at download time.
@@ -682,6 +683,9 @@ def generate_world(out_dir: Path, config: DemoWorldConfig) -> Path:
         write_parquet(general, tmp / "general_urls.parquet")
         write_parquet(truth, tmp / "ground_truth.parquet")
         n_eval = _write_eval(tmp, selected, config, guard)
+        from plantmix.demo.validation import write_validation  # it draws with this module's helpers
+
+        validation = write_validation(tmp, selected, config, guard)
         summary = {
             **record,
             "base_url": DEMO_BASE_URL,
@@ -689,6 +693,7 @@ def generate_world(out_dir: Path, config: DemoWorldConfig) -> Path:
             "rows": {name: len(rows[name]) for name in LISTS},
             "faults": {name: dict(sorted(Counter(r.fault for r in rows[name]).items())) for name in LISTS},
             "eval_images": n_eval,
+            **validation,
         }
         text = json.dumps(summary, indent=1, sort_keys=True, ensure_ascii=False)
         (tmp / "world.json").write_text(text + "\n", encoding="utf-8")
