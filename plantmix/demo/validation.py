@@ -21,7 +21,7 @@ import webdataset as wds
 
 from plantmix.demo.draw import SCENE_KINDS, draw_plant, draw_scene
 from plantmix.mix.shards import TAR_MTIME
-from plantmix.stages.captions import caption_variants
+from plantmix.stages.captions import caption_variants_of
 
 # Stream ids of the world's seeded generators (training, lists and eval use 1 to 4).
 _PLANT_VALIDATION_STREAM, _GENERAL_VALIDATION_STREAM, _CLASSIFY_STREAM = 5, 6, 7
@@ -54,7 +54,7 @@ def _plant_pairs(selected, config, guard) -> list[dict]:
     samples = []
     for sp in selected:
         taxa = {f"taxon_{r}": v for r, v in sp.taxonomy.items()} | {"common_name": sp.common_name}
-        variants = {f"caption_{t}": v for t, v in caption_variants(taxa).items() if v}
+        variants = {f"caption_{t}": v for t, v in caption_variants_of(taxa).items() if v}
         for j in range(config.validation_per_species):
             rng_of = _seeded(config.seed, _PLANT_VALIDATION_STREAM, sp.index, j)
             image, (view, rng) = guard.draw(lambda a: _with_rng(draw_plant(sp.traits, r := rng_of(a), config.image_size), r))

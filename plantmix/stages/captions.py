@@ -36,6 +36,12 @@ def caption_variants(taxa: dict[str, pa.Array]) -> dict[str, pa.Array]:
     return variants
 
 
+def caption_variants_of(taxa: dict[str, str | None]) -> dict[str, str | None]:
+    """`caption_variants` of one row given as plain values (taxon_* and common_name)."""
+    columns = {k: pa.array([taxa.get(k)], pa.string()) for k in (*(f"taxon_{r}" for r in TAXON_RANKS), "common_name")}
+    return {t: v[0].as_py() for t, v in caption_variants(columns).items()}
+
+
 def pick_caption(
     mode: str, column_caption: pa.Array, variants: dict[str, pa.Array], pick_hash: np.ndarray | None
 ) -> pa.Array:
