@@ -44,7 +44,7 @@ def write_mix_manifest(
         buckets = _spill_by_bucket(manifest, sel, shard_size, bucket_rows, target, Path(spill))
         with pq.ParquetWriter(tmp, target, compression="zstd") as writer:
             for path in buckets:
-                with pa.memory_map(str(path)) as source:
+                with pa.OSFile(str(path)) as source:
                     part = pa.ipc.open_file(source).read_all()
                 part = part.take(pa.array(np.argsort(part["mix_position"].to_numpy(), kind="stable")))
                 writer.write_table(part, row_group_size=shard_size)
