@@ -378,6 +378,8 @@ def _row(r: dict, n: int) -> str:
         return f"  {r['stage']:<19} {n:>11,}  did not complete: {r['why']} after {r['wall']:.0f} s (peak RSS {r['peak_rss'] / GiB:.2f} GiB)"
     rate = r["rows"] / r["wall"] if r["wall"] else float("inf")
     extra = f"  (input: {r['input']})" if r.get("input") not in (None, "dedup.parquet") else ""
+    if r.get("compute"):
+        extra += f"  [the rules alone: {r['compute']:.1f} s, {r['rows'] / r['compute']:,.0f} rows/s]"
     return (f"  {r['stage']:<19} {r['rows']:>11,}  wall {r['wall']:7.1f} s  CPU {r['cpu']:7.1f} s  "
             f"peak RSS {r['peak_rss'] / GiB:5.2f} GiB ({r['peak_rss'] / max(r['rows'], 1):6.0f} B/row)  {rate:11,.0f} rows/s{extra}")
 
