@@ -146,7 +146,7 @@ class ResourcesConfig(_Strict):
     spill_dir: str | None = None
     workers: int = Field(2, ge=1)  # processes for pHashing and shard writing
     # Ingest reads and normalises sources this many rows at a time: its memory is bounded by this.
-    batch_rows: int = Field(500_000, ge=1_000)
+    batch_rows: int = Field(100_000, ge=1_000)
 
 
 class Recipe(_Strict):

@@ -143,40 +143,48 @@ def _char_stats(text: pa.Array, classes: np.ndarray) -> dict[str, np.ndarray]:
     """Per string: characters, letters, letters of an allowed script, words, ASCII blanks.
 
     Works on the UTF-8 buffer: one entry per character (its lead byte), ASCII classified by table,
-    the rare multi-byte characters decoded to code points first.
+    the rare multi-byte characters decoded to code points first. ASCII letters are all Latin, so
+    only multi-byte letters need counting apart for the script rule.
     """
     offsets, data = string_buffers(text)
     data = np.append(data[offsets[0] : offsets[-1]], np.zeros(3, np.uint8))  # room to decode the last char
-    offsets = offsets - offsets[0]
-    nonempty = np.flatnonzero(np.diff(offsets) > 0)
+    chars = _np(pc.utf8_length(text)).astype(np.int64)
+    char_start = np.concatenate(([0], np.cumsum(chars)[:-1]))
+    nonempty = np.flatnonzero(chars > 0)
 
-    def per_string(flags: np.ndarray, starts: np.ndarray) -> np.ndarray:
-        """Sum of 0/1 flags over each string's span (reduceat is one pass; empty strings are 0)."""
-        out = np.zeros(len(starts), np.int64)
+    def per_string(flags: np.ndarray) -> np.ndarray:
+        """Sum of 0/1 flags over each string's characters (reduceat is one pass; empty strings are 0)."""
+        out = np.zeros(len(chars), np.int64)
         if len(nonempty):
-            out[nonempty] = np.add.reduceat(flags.view(np.uint8), starts[nonempty], dtype=np.int32)
+            out[nonempty] = np.add.reduceat(flags.view(np.uint8), char_start[nonempty], dtype=np.int32)
         return out
 
-    lead = (data[:-3] & 0xC0) != 0x80
-    chars = per_string(lead, offsets[:-1])
-    char_start = np.concatenate(([0], np.cumsum(chars)[:-1]))
-    lead_at = np.flatnonzero(lead)
+    lead_at = np.flatnonzero((data[:-3] & 0xC0) != 0x80)
     first = data[lead_at]
     cls = classes[first]  # right for ASCII; multi-byte characters are looked up below
     wide = np.flatnonzero(first >= 0x80)
-    if len(wide):
-        cls[wide] = classes[_decode(data, lead_at[wide], first[wide])]
+    wide_cls = classes[_decode(data, lead_at[wide], first[wide])] if len(wide) else np.zeros(0, np.uint8)
+    cls[wide] = wide_cls
     space = (cls & _SPACE_BIT) != 0
     word_start = np.concatenate(([True], space[:-1]))[: len(space)]
     word_start[char_start[nonempty]] = True  # a string's first character starts a word
     word_start &= ~space
+    letters = per_string(cls & _LETTER)
+    row_of_wide = np.searchsorted(char_start, wide, side="right") - 1
+    wide_letters = np.bincount(row_of_wide, weights=wide_cls & _LETTER, minlength=len(chars)).astype(np.int64)
+    wide_allowed = np.bincount(row_of_wide, weights=(wide_cls & _ALLOWED) != 0, minlength=len(chars)).astype(np.int64)
+    ascii_allowed = bool(classes[ord("a")] & _ALLOWED)
     return {
         "chars": chars,
-        "letters": per_string(cls & _LETTER, char_start),
-        "allowed": per_string((cls & _ALLOWED) != 0, char_start),
-        "words": per_string(word_start, char_start),
-        "blanks": per_string(first == 0x20, char_start),
+        "letters": letters,
+        "allowed": wide_allowed + (letters - wide_letters if ascii_allowed else 0),
+        "words": per_string(word_start),
+        "blanks": _np(pc.count_substring(text, " ")).astype(np.int64),
     }
+
+
+def _np(values: pa.Array) -> np.ndarray:
+    return pc.fill_null(values, 0).to_numpy()
 
 
 def _decode(data: np.ndarray, at: np.ndarray, first: np.ndarray) -> np.ndarray:

@@ -3,7 +3,10 @@
 from __future__ import annotations
 
 import tempfile
+from collections.abc import Callable, Iterable, Iterator
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
+from typing import TypeVar
 
 import numpy as np
 import pyarrow as pa
@@ -22,6 +25,7 @@ MIX_FIELDS = [
     pa.field("mix_position", pa.int64()),  # global shuffled position
     pa.field("mix_shard", pa.int64()),  # = mix_position // shard_size
 ]
+T, R = TypeVar("T"), TypeVar("R")
 _MIX_VERSION = 1  # bump when the selection or the mix manifest layout changes
 
 
@@ -42,11 +46,10 @@ def write_mix_manifest(
     out.parent.mkdir(parents=True, exist_ok=True)
     with atomic_path(out) as tmp, tempfile.TemporaryDirectory(dir=out.parent, prefix=".spill-") as spill:
         buckets = _spill_by_bucket(manifest, sel, shard_size, bucket_rows, target, Path(spill))
-        with pq.ParquetWriter(tmp, target, compression="zstd") as writer:
-            for path in buckets:
-                with pa.memory_map(str(path)) as source:
-                    part = pa.ipc.open_file(source).read_all()
-                part = part.take(pa.array(np.argsort(part["mix_position"].to_numpy(), kind="stable")))
+        # statistics only where readers filter (by shard, position): string statistics cost a fifth of the write
+        with pq.ParquetWriter(tmp, target, compression="zstd", use_dictionary=False,
+                              write_statistics=["mix_shard", "mix_position"]) as writer:
+            for path, part in _ahead(_sorted_bucket, buckets):
                 writer.write_table(part, row_group_size=shard_size)
                 path.unlink()
         if not buckets:
@@ -64,24 +67,47 @@ def _spill_by_bucket(
     options = pa.ipc.IpcWriteOptions(compression="lz4")
     writers = [pa.ipc.new_file(str(p), target, options=options) for p in paths]
     pf = pq.ParquetFile(manifest)
-    start = 0
-    for rg in range(pf.num_row_groups):
-        stop = start + pf.metadata.row_group(rg).num_rows
-        a, b = np.searchsorted(rows_sorted, [start, stop])
-        if a < b:
-            picked = by_row[a:b]
-            bucket = sel.position[picked] // bucket_rows
-            order = np.argsort(bucket, kind="stable")
-            picked, bucket = picked[order], bucket[order]
-            rows = pf.read_row_group(rg).take(pa.array(sel.row[picked] - start))
-            part = _with_mix_columns(rows, sel, picked, shard_size).cast(target)
-            bounds = np.searchsorted(bucket, np.arange(n_buckets + 1))
+    starts = np.cumsum([0] + [pf.metadata.row_group(i).num_rows for i in range(pf.num_row_groups)])
+
+    def picked_rows(rg: int) -> tuple[pa.Table, np.ndarray] | None:
+        """Row group rg's selected rows, grouped by bucket, and the bucket boundaries."""
+        a, b = np.searchsorted(rows_sorted, starts[rg : rg + 2])
+        if a == b:
+            return None
+        picked = by_row[a:b]
+        bucket = sel.position[picked] // bucket_rows
+        order = np.argsort(bucket, kind="stable")
+        picked, bucket = picked[order], bucket[order]
+        rows = pf.read_row_group(rg).take(pa.array(sel.row[picked] - starts[rg]))
+        return _with_mix_columns(rows, sel, picked, shard_size).cast(target), np.searchsorted(bucket, np.arange(n_buckets + 1))
+
+    for _, result in _ahead(picked_rows, range(pf.num_row_groups)):
+        if result is not None:
+            part, bounds = result
             for k in np.flatnonzero(np.diff(bounds)):
                 writers[k].write_table(part.slice(bounds[k], bounds[k + 1] - bounds[k]))
-        start = stop
     for w in writers:
         w.close()
     return paths
+
+
+def _sorted_bucket(path: Path) -> pa.Table:
+    """Pass 2's input: one spilled bucket, in mix_position order."""
+    with pa.OSFile(str(path)) as source:
+        part = pa.ipc.open_file(source).read_all()
+    return part.take(pa.array(np.argsort(part["mix_position"].to_numpy(), kind="stable")))
+
+
+def _ahead(load: Callable[[T], R], items: Iterable[T]) -> Iterator[tuple[T, R]]:
+    """(item, load(item)) in order, loading the next item on a thread while the caller works on this
+    one: Arrow reads, takes and writes release the GIL, so reading overlaps writing."""
+    items = list(items)
+    with ThreadPoolExecutor(1) as pool:
+        pending = pool.submit(load, items[0]) if items else None
+        for i, item in enumerate(items):
+            result = pending.result()
+            pending = pool.submit(load, items[i + 1]) if i + 1 < len(items) else None
+            yield item, result
 
 
 def _with_mix_columns(rows: pa.Table, sel: Selection, picked: np.ndarray, shard_size: int) -> pa.Table:

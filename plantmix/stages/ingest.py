@@ -203,8 +203,8 @@ def ingest_source(
             report.rows_read += batch.num_rows
     first, count, repeats = _repeats(con, keys)
     drops: dict[str, int] = {}
-    with pa.memory_map(str(normalised)) as mapped:
-        spilled = pa.ipc.open_file(mapped)
+    with pa.OSFile(str(normalised)) as spill_file:  # read, not mapped: mapped pages would count as resident
+        spilled = pa.ipc.open_file(spill_file)
         for i in range(spilled.num_record_batches):
             batch = spilled.get_batch(i)
             rn = batch["rn"].to_numpy()
