@@ -33,6 +33,7 @@ from dalip.atomic import write_text_atomic
 from dalip.data import stable_seed
 from dalip.encoders import Encoder, fingerprint_of, load_encoder
 from dalip.errors import DalipError
+from dalip.evaluate import SCORE_LABELS
 from dalip.fewshot import METHOD_LABELS, METHODS, Task, accuracy
 from dalip.labelled import DatasetSpec, Embedded, class_embeddings, describe, embed_labelled
 
@@ -275,6 +276,11 @@ def run_adapt(model: str | Path, cfg: AdaptConfig, out_dir: Path) -> dict[str, A
 # Outputs
 
 
+def _features_label(report: dict[str, Any]) -> str:
+    label = SCORE_LABELS[report["features"]]
+    return f"{label} (α = {report['alpha']})" if report["features"] == "combined" else label
+
+
 def adapt_table(report: dict[str, Any]) -> str:
     """Markdown: one row per method, one column per shot count, top-1 % mean ± std over folds."""
     shots = report["shots"]
@@ -288,7 +294,7 @@ def adapt_table(report: dict[str, Any]) -> str:
     caption = (
         f"Top-1 accuracy (%) on {data['name']} ({report['num_classes']} classes, {report['test_size']} test images, "
         f"{report['test']['source']}), mean ± std over {report['folds']} folds; model {model['name']} "
-        f"({model['kind']}), {report['features']}-order features."
+        f"({model['kind']}), {_features_label(report)} features."
     )
     return caption + "\n\n" + "\n".join(lines) + "\n"
 
@@ -313,7 +319,7 @@ def plot_adapt(report: dict[str, Any], path: Path) -> None:
     ax.set_xticks(shots, [str(k) for k in shots])
     ax.set_xlabel("labelled images per class (shots)")
     ax.set_ylabel("top-1 accuracy (%)")
-    ax.set_title(f"{report['dataset']['name']}: {report['model']['name']} ({report['features']}-order)")
+    ax.set_title(f"{report['dataset']['name']}: {report['model']['name']} ({_features_label(report)} features)")
     ax.grid(alpha=0.3)
     ax.legend(fontsize=8)
     fig.tight_layout()
