@@ -17,7 +17,6 @@ import dataclasses
 import json
 import logging
 import math
-import os
 import random
 import statistics
 import sys
@@ -29,7 +28,7 @@ from typing import Any, Literal, Optional
 import torch
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
-from dalip.atomic import write_text_atomic
+from dalip.atomic import atomic_path, write_text_atomic
 from dalip.data import stable_seed
 from dalip.encoders import Encoder, fingerprint_of, load_encoder
 from dalip.errors import DalipError
@@ -96,10 +95,8 @@ def cached_embedding(encoder: Encoder, spec: DatasetSpec, cfg: AdaptConfig, devi
     log.info("embedding %s", spec.name)
     embedded = embed_labelled(encoder, spec, device, cfg.batch_size, cfg.workers)
     text = class_embeddings(encoder, embedded.classnames, embedded.templates, device)
-    cache_dir.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    torch.save({"embedded": dataclasses.asdict(embedded), "text": list(text)}, tmp)
-    os.replace(tmp, path)
+    with atomic_path(path) as tmp:
+        torch.save({"embedded": dataclasses.asdict(embedded), "text": list(text)}, tmp)
     return embedded, text
 
 
