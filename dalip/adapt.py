@@ -17,7 +17,6 @@ import dataclasses
 import json
 import logging
 import math
-import os
 import random
 import statistics
 import sys
@@ -29,10 +28,11 @@ from typing import Any, Literal, Optional
 import torch
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
-from dalip.atomic import write_text_atomic
+from dalip.atomic import atomic_path, write_text_atomic
 from dalip.data import stable_seed
 from dalip.encoders import Encoder, fingerprint_of, load_encoder
 from dalip.errors import DalipError
+from dalip.evaluate import SCORE_LABELS
 from dalip.fewshot import METHOD_LABELS, METHODS, Task, accuracy
 from dalip.labelled import DatasetSpec, Embedded, class_embeddings, describe, embed_labelled
 
@@ -95,10 +95,8 @@ def cached_embedding(encoder: Encoder, spec: DatasetSpec, cfg: AdaptConfig, devi
     log.info("embedding %s", spec.name)
     embedded = embed_labelled(encoder, spec, device, cfg.batch_size, cfg.workers)
     text = class_embeddings(encoder, embedded.classnames, embedded.templates, device)
-    cache_dir.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    torch.save({"embedded": dataclasses.asdict(embedded), "text": list(text)}, tmp)
-    os.replace(tmp, path)
+    with atomic_path(path) as tmp:
+        torch.save({"embedded": dataclasses.asdict(embedded), "text": list(text)}, tmp)
     return embedded, text
 
 
@@ -275,6 +273,11 @@ def run_adapt(model: str | Path, cfg: AdaptConfig, out_dir: Path) -> dict[str, A
 # Outputs
 
 
+def _features_label(report: dict[str, Any]) -> str:
+    label = SCORE_LABELS[report["features"]]
+    return f"{label} (α = {report['alpha']})" if report["features"] == "combined" else label
+
+
 def adapt_table(report: dict[str, Any]) -> str:
     """Markdown: one row per method, one column per shot count, top-1 % mean ± std over folds."""
     shots = report["shots"]
@@ -288,7 +291,7 @@ def adapt_table(report: dict[str, Any]) -> str:
     caption = (
         f"Top-1 accuracy (%) on {data['name']} ({report['num_classes']} classes, {report['test_size']} test images, "
         f"{report['test']['source']}), mean ± std over {report['folds']} folds; model {model['name']} "
-        f"({model['kind']}), {report['features']}-order features."
+        f"({model['kind']}), {_features_label(report)} features."
     )
     return caption + "\n\n" + "\n".join(lines) + "\n"
 
@@ -313,7 +316,7 @@ def plot_adapt(report: dict[str, Any], path: Path) -> None:
     ax.set_xticks(shots, [str(k) for k in shots])
     ax.set_xlabel("labelled images per class (shots)")
     ax.set_ylabel("top-1 accuracy (%)")
-    ax.set_title(f"{report['dataset']['name']}: {report['model']['name']} ({report['features']}-order)")
+    ax.set_title(f"{report['dataset']['name']}: {report['model']['name']} ({_features_label(report)} features)")
     ax.grid(alpha=0.3)
     ax.legend(fontsize=8)
     fig.tight_layout()

@@ -23,7 +23,7 @@ every step with `t mod phases == p`. A stream reads its own sequence of shards, 
   `(seed, epoch, k)`, weighted per `::`-separated source.
 
 The stream reads *segments* (a shard, or a part of one), identified by an ordinal 0, 1, 2, …. Each
-shard is shuffled in a buffer that does not cross shard boundaries, seeded by `(seed, epoch, shard)`
+shard is shuffled in a buffer that does not cross shard boundaries, seeded by `(seed, epoch, shard index)`
 in epoch mode (two streams sharing a shard cut the same order) and by `(seed, epoch, k, ordinal)` in
 resampled mode; each sample's augmentation is seeded by its position. So a stream's state is four
 integers — `(ordinal, offset in the segment, bad samples, bad shards)` — and
@@ -336,7 +336,7 @@ def _epoch_segments(spec: StreamSpec, epoch: int, stream: int) -> Iterator[Segme
             if size and (not first or pos < at + size):
                 start = pos - at if first else 0
                 first = False
-                seed = stable_seed(spec.seed, "shuffle", epoch, spec.shards[i])
+                seed = stable_seed(spec.seed, "shuffle", epoch, i)  # the shard's index: same order at any path
                 yield Segment(spec.shards[i], seed, start)
             at += size
 

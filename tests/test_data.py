@@ -305,3 +305,14 @@ def test_group_captions_are_drawn_per_sample_and_epoch(tmp_path):
     tail, _ = _keys(_data(shards, caption_field="captions", phases=2, num_workers=2), DataPosition.from_state_dict(position.state_dict(data.dataset.owned_streams())))
     assert head + tail == full  # exact under resume
     assert len({c for c in first if " caption " in c} ^ {c for c in epoch(1) if " caption " in c}) > 0
+
+
+def test_order_does_not_depend_on_where_the_shards_are(shards, tmp_path):
+    import shutil
+
+    moved = tmp_path / "elsewhere" / "mix"
+    shutil.copytree(shards.parent, moved)
+    for kw in ({"phases": 2}, {"resampled": True, "num_samples": 32}):
+        here, _ = _keys(_data(shards, caption_field="uid", **kw))
+        there, _ = _keys(_data(moved / "shards", caption_field="uid", **kw))
+        assert here == there, kw
