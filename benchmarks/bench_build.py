@@ -12,7 +12,7 @@ exact (same sha256) and near (pHash within 3 bits) duplicates. No image bytes.
 
 Stages, each in a fresh child process (peak RSS is per stage; a stage above --rss-limit is stopped
 and reported, and the next stage reads its input instead):
-  ingest → join → dedup → filter → mix-select → mix-manifest   (decide: not built yet)
+  ingest → join → filter → dedup (pair proposals) → decide → mix-select → mix-manifest
 and today's code at --baseline-rows (the largest N it handles here): ingest, filter, mix-manifest.
 Prints per stage: wall, CPU, peak RSS, rows/s, and the ratio of rows/s against today's.
 A final check times the skip decision of a no-op rerun over a --folder-files image folder.
@@ -48,6 +48,7 @@ CHUNK = 1_000_000
 SHARD_ROWS = 10_000  # img2dataset number_sample_per_shard
 ZIPF_EXPONENT = 0.9
 FILTERS = FilterConfig(caption_scripts=["LATIN"], caption_max_words=80)
+DEDUP = DedupConfig(phash_radius=4, mirror=False)  # the simulated hashes have no mirror pHash; 4-6 at web scale
 GiB = 1 << 30
 
 _WORDS = ("a the of in on with and near street view photo large small red blue green old new young man woman "
@@ -240,36 +241,45 @@ def stage_main(stage: str, world: Path, run: Path, rows: int) -> dict:
         from plantmix.core.stage import write_parquet
         from plantmix.stages.join import join_manifest
 
-        write_parquet(join_manifest(run / "candidates.parquet", world), run / "joined.parquet")
+        write_parquet(join_manifest(run / "candidates.parquet", world, recipe.resources), run / "joined.parquet")
         return {"rows": pq.read_metadata(run / "joined.parquet").num_rows}
     if stage == "join-standin":
         join_standin(world, run)
         return {"rows": pq.read_metadata(run / "joined.parquet").num_rows}
+    if stage == "filter":
+        from plantmix.core.stage import write_parquet
+        from plantmix.curate.filters import filter_proposals
+
+        columns = ["uid", "keep", "caption", "width", "height", "original_width", "original_height"]
+        table = pq.read_table(run / "joined.parquet", columns=columns)
+        t = time.perf_counter()
+        proposals = filter_proposals(table, FILTERS, threads=2)
+        compute = time.perf_counter() - t
+        write_parquet(proposals, run / "filters.parquet")
+        return {"rows": table.num_rows, "compute": compute}
     if stage == "dedup":
         from plantmix.core.stage import write_parquet
-        from plantmix.curate.dedup import dedup
+        from plantmix.curate.dedup import near_pair_proposals
+
+        t = pq.read_table(run / "joined.parquet", columns=["keep", "phash"])
+        t = t.filter(pc.and_(t["keep"], pc.is_valid(t["phash"])))
+        write_parquet(near_pair_proposals(t["phash"].to_numpy(), None, DEDUP.phash_radius), run / "near_pairs.parquet")
+        return {"rows": t.num_rows}
+    if stage == "decide":
+        from plantmix.core.stage import write_parquet
+        from plantmix.curate.decide import decide
 
         priority = {s.name: s.priority for s in recipe.sources}
-        write_parquet(dedup(pq.read_table(run / "joined.parquet"), DedupConfig(), priority), run / "dedup.parquet")
-        return {"rows": pq.read_metadata(run / "dedup.parquet").num_rows}
-    if stage == "filter":
-        from plantmix.curate.filters import filter_parquet
-
-        from plantmix.curate.filters import filter_reasons
-
-        src = _input(run, "dedup.parquet", "joined.parquet")
-        filter_parquet(src, run / "manifest.parquet", FILTERS, threads=2)
-        # the rules alone, on the columns they read (what the decide step calls)
-        table = pq.read_table(src, columns=["caption", "width", "height", "original_width", "original_height"])
-        t = time.perf_counter()
-        filter_reasons(table, FILTERS, threads=2)
-        return {"rows": table.num_rows, "input": src.name, "compute": time.perf_counter() - t}
+        joined = pq.read_table(run / "joined.parquet")
+        out = decide(joined, pq.read_table(run / "filters.parquet"), pq.read_table(run / "near_pairs.parquet"), DEDUP, priority)
+        write_parquet(out, run / "manifest.parquet")
+        return {"rows": out.num_rows}
     if stage == "filter-today":
         import baseline_c2d31ad as today
 
         from plantmix.core.stage import write_parquet
 
-        src = _input(run, "dedup.parquet", "joined.parquet")
+        src = _input(run, "joined.parquet")
         table = pq.read_table(src)
         t = time.perf_counter()
         table = today.apply_filters(table, FILTERS)
@@ -377,14 +387,14 @@ def _row(r: dict, n: int) -> str:
     if not r["ok"]:
         return f"  {r['stage']:<19} {n:>11,}  did not complete: {r['why']} after {r['wall']:.0f} s (peak RSS {r['peak_rss'] / GiB:.2f} GiB)"
     rate = r["rows"] / r["wall"] if r["wall"] else float("inf")
-    extra = f"  (input: {r['input']})" if r.get("input") not in (None, "dedup.parquet") else ""
+    extra = f"  (input: {r['input']})" if r.get("input") not in (None, "joined.parquet") else ""
     if r.get("compute"):
         extra += f"  [the rules alone: {r['compute']:.1f} s, {r['rows'] / r['compute']:,.0f} rows/s]"
     return (f"  {r['stage']:<19} {r['rows']:>11,}  wall {r['wall']:7.1f} s  CPU {r['cpu']:7.1f} s  "
             f"peak RSS {r['peak_rss'] / GiB:5.2f} GiB ({r['peak_rss'] / max(r['rows'], 1):6.0f} B/row)  {rate:11,.0f} rows/s{extra}")
 
 
-STAGES = ("ingest", "join", "dedup", "filter", "mix-select", "mix-manifest")
+STAGES = ("ingest", "join", "filter", "dedup", "decide", "mix-select", "mix-manifest")
 
 
 def pipeline(world: Path, run: Path, rows: int, rss_limit: int, stages: tuple[str, ...] = STAGES) -> dict[str, dict]:
@@ -472,7 +482,7 @@ def main() -> None:
     done = [r for r in results.values() if r["ok"]]
     print(f"non-network stages at {args.rows:,} rows: {sum(r['wall'] for r in results.values()):.0f} s wall in all, "
           f"peak RSS {max(r['peak_rss'] for r in results.values()) / GiB:.2f} GiB; "
-          f"{len(done)}/{len(results)} completed (decide: not built yet)")
+          f"{len(done)}/{len(results)} completed")
     if args.folder_files:
         noop_rerun_check(args.workdir, args.folder_files)
 

@@ -14,7 +14,6 @@ import yaml
 from PIL import Image, ImageEnhance, ImageOps
 
 from plantmix.build import run_build
-from plantmix.core.hashing import hamming
 from plantmix.core.recipe import load_recipe
 from plantmix.curate.decide import check_invariants
 
@@ -132,7 +131,7 @@ def test_variant_by_radius_table(rows):
             if variant != v:
                 continue
             o = rows[(name, "original")]
-            d.append(int(min(hamming(r["phash"], o["phash"]), hamming(r["phash"], o["phash_mirror"]))))
+            d.append(min(bin(r["phash"] ^ o["phash"]).count("1"), bin(r["phash"] ^ o["phash_mirror"]).count("1")))
         table[v] = [int(np.sum(np.array(d) <= radius)) for radius in RADII]
         print(f"{v:<26}", "  ".join(f"r{radius}: {n}/{len(d)}" for radius, n in zip(RADII, table[v])))
     n = len({name for name, _ in rows})
