@@ -21,12 +21,16 @@ farther apart than the radius.
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
+import pyarrow.parquet as pq
 
 from plantmix.core.errors import PlantmixError
 from plantmix.core.recipe import DedupConfig
+from plantmix.core.stage import atomic_path
 from plantmix.core.schema import DECISION_FIELDS, DROP_DUPLICATE_EXACT, DROP_DUPLICATE_NEAR, DROP_HELD_OUT, pandas_readable
 from plantmix.curate.dedup import KeepRule, group_winners, sha_groups
 
@@ -42,6 +46,48 @@ def decide(
     `held_out` (uid, split) lists rows set aside as evaluation data (`plantmix split`): rejected first
     among the curation reasons, never a kept twin, never attached to one.
     """
+    present = [c for c in DECIDE_COLUMNS if c in joined.column_names]
+    return pandas_readable(apply_decisions(joined, decision_columns(joined.select(present), filters, pairs, cfg, source_priority, held_out)))
+
+
+def decide_to_parquet(
+    joined_path: Path, filters: pa.Table, pairs: pa.Table, cfg: DedupConfig, source_priority: dict[str, int],
+    held_out: pa.Table | None, out_path: Path,
+) -> None:
+    """`decide`, reading only the columns the decision needs, then streaming the manifest out row group
+    by row group, so memory holds those columns, not every column of every row."""
+    source = pq.ParquetFile(joined_path)
+    present = [c for c in DECIDE_COLUMNS if c in source.schema_arrow.names]
+    columns = decision_columns(pq.read_table(joined_path, columns=present), filters, pairs, cfg, source_priority, held_out)
+    schema = None
+    with atomic_path(out_path) as tmp:
+        writer = None
+        offset = 0
+        for i in range(source.num_row_groups):
+            part = source.read_row_group(i)
+            part = apply_decisions(part, {k: v.slice(offset, part.num_rows) for k, v in columns.items()})
+            offset += part.num_rows
+            if writer is None:
+                schema = pandas_readable(part).schema
+                writer = pq.ParquetWriter(tmp, schema, compression="zstd")
+            writer.write_table(part.cast(schema), row_group_size=256_000)
+        if writer is None:  # no rows at all
+            empty = pandas_readable(apply_decisions(source.schema_arrow.empty_table(), {k: v.slice(0, 0) for k, v in columns.items()}))
+            pq.write_table(empty, tmp)
+        else:
+            writer.close()
+
+
+# the columns the decision reads (everything else of a row just passes through)
+DECIDE_COLUMNS = ["uid", "source", "keep", "drop_reason", "sha256", "phash", "width", "height", "original_width",
+                  "original_height", "stored_bytes", "original_bytes", "caption", "taxon_species"]  # fmt: skip
+
+
+def decision_columns(
+    joined: pa.Table, filters: pa.Table, pairs: pa.Table, cfg: DedupConfig, source_priority: dict[str, int],
+    held_out: pa.Table | None = None,
+) -> dict[str, pa.Array]:
+    """keep, drop_reason, dup_of and the DECISION_FIELDS for every row of `joined` (see module doc)."""
     if filters.num_rows != joined.num_rows or not filters["uid"].equals(joined["uid"]):
         raise PlantmixError("decide: filter proposals do not match the joined manifest; rerun the filter stage")
     held = np.zeros(joined.num_rows, bool)
@@ -53,7 +99,7 @@ def decide(
     survivor = usable & image_ok & caption_ok
     rule = KeepRule(joined, source_priority, np.nonzero(usable)[0])
     target, distance = _assign(joined, survivor, usable, pairs, cfg, rule)
-    return _write(joined, filters, survivor, caption_ok & usable, target, distance, held)
+    return _columns(joined, filters, survivor, caption_ok & usable, target, distance, held)
 
 
 # ---- assignment ---------------------------------------------------------------------------------------
@@ -180,7 +226,7 @@ def _attach_rejected(joined, survivor, usable, target, distance, phash, pairs, c
 # ---- output -------------------------------------------------------------------------------------------
 
 
-def _write(joined, filters, survivor, caption_ok, target, distance, held) -> pa.Table:
+def _columns(joined, filters, survivor, caption_ok, target, distance, held) -> dict[str, pa.Array]:
     n = joined.num_rows
     uid = joined["uid"]
     has_target = target != NONE
@@ -197,12 +243,22 @@ def _write(joined, filters, survivor, caption_ok, target, distance, held) -> pa.
     reason = pc.if_else(pa.array(keep), pa.nulls(n, pa.string()), reason)
     dist = pa.array(np.where(has_target, distance, 0).astype(np.int8), mask=~has_target)
     captions, conflict = _group_columns(joined, keep, caption_ok, target, distance)
-    out = joined
-    for name, values in (("keep", pa.array(keep)), ("drop_reason", reason), ("dup_of", dup_uid)):
-        out = out.set_column(out.schema.get_field_index(name), out.schema.field(name), values)
-    for f, values in zip(DECISION_FIELDS, (captions, dist, conflict)):
-        out = _put(out, f, values)
-    return pandas_readable(out)
+    return {"keep": pa.array(keep), "drop_reason": _flat(reason), "dup_of": _flat(dup_uid), "captions": captions,
+            "dup_distance": dist, "label_conflict": conflict}  # fmt: skip
+
+
+def _flat(values) -> pa.Array:
+    return values.combine_chunks() if isinstance(values, pa.ChunkedArray) else values
+
+
+def apply_decisions(table: pa.Table, columns: dict[str, pa.Array]) -> pa.Table:
+    """`table` with the decision columns replaced (keep, drop_reason, dup_of) or added (DECISION_FIELDS)."""
+    for name in ("keep", "drop_reason", "dup_of"):
+        i = table.schema.get_field_index(name)
+        table = table.set_column(i, table.schema.field(name), columns[name])
+    for f in DECISION_FIELDS:
+        table = _put(table, f, columns[f.name])
+    return table
 
 
 def _put(table: pa.Table, field: pa.Field, values: pa.Array) -> pa.Table:

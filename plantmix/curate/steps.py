@@ -6,7 +6,7 @@ import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
 from plantmix.core.stage import Stage
-from plantmix.curate.decide import decide
+from plantmix.curate.decide import decide_to_parquet
 from plantmix.curate.dedup import PAIR_SCHEMA, near_pair_proposals
 from plantmix.curate.filters import filter_proposals
 from plantmix.curate.split import read_held_out
@@ -60,9 +60,9 @@ def decide_stage(ctx) -> Stage:
 
     held_dir = ctx.path("proposals", "held_out")
 
-    def run():
+    def run() -> None:
         held = read_held_out(held_dir)
-        return decide(pq.read_table(_joined(ctx)), *(pq.read_table(p) for p in proposals), recipe.dedup, priority, held)
+        decide_to_parquet(_joined(ctx), *(pq.read_table(p) for p in proposals), recipe.dedup, priority, held, out)
 
     out = ctx.path("manifest.parquet")
 

@@ -8,11 +8,14 @@ Every candidate keeps exactly one row whatever happened to it.
 
 from __future__ import annotations
 
+import tempfile
 from pathlib import Path
 
 import duckdb
 import pyarrow as pa
 import pyarrow.parquet as pq
+
+from plantmix.core.stage import atomic_path
 
 from plantmix.core.duck import connect, spill_dir
 from plantmix.core.recipe import ResourcesConfig
@@ -59,22 +62,26 @@ def _register_files(con: duckdb.DuckDBPyConnection, name: str, files: pa.Table, 
 
 
 def join_manifest(candidates_path: Path, build_dir: Path, resources: ResourcesConfig | None = None) -> pa.Table:
-    """One row per candidate with the download outcome, hashes and sizes (DESIGN §4 columns).
+    """One row per candidate with the download outcome, hashes and sizes (DESIGN §4 columns), in memory."""
+    with tempfile.TemporaryDirectory() as tmp:
+        out = Path(tmp) / "joined.parquet"
+        join_to_parquet(candidates_path, build_dir, out, resources)
+        return pq.read_table(out)
 
-    keep / drop_reason here say only whether the row has a usable image; curation decides later.
-    """
+
+def join_to_parquet(candidates_path: Path, build_dir: Path, out: Path, resources: ResourcesConfig | None = None) -> None:
+    """`join_manifest` streamed by DuckDB straight to `out` (atomically): out of core, so the memory it
+    takes is the recipe's DuckDB limit, not the size of the build. keep / drop_reason here say only
+    whether the row has a usable image; curation decides later."""
     resources = resources or ResourcesConfig()
     con = connect(resources, spill_dir(resources, build_dir))
     _register_files(con, "dl", output_files(build_dir, "download"), _DOWNLOAD_COLUMNS)
     hash_types = {"key": "VARCHAR", "phash": "UBIGINT", "phash_mirror": "UBIGINT", "stored_bytes": "BIGINT", "phash_error": "VARCHAR"}
     assert set(hash_types) == set(HASH_SCHEMA.names)
     _register_files(con, "hs", output_files(build_dir, "hashes"), hash_types)
-    cand = pq.read_table(candidates_path)
-    con.register("cand", cand.append_column("rn", pa.array(range(cand.num_rows), pa.int64())))
     cand_cols = ", ".join(f"c.{f.name}" for f in CANDIDATE_SCHEMA if f.name != "drop_reason")
     decodable = "d.status = 'success' AND h.phash IS NOT NULL"
-    table = con.sql(
-        f"""
+    query = f"""
         WITH d AS (SELECT * FROM dl QUALIFY row_number() OVER (PARTITION BY source, uid ORDER BY shard, key) = 1)
         SELECT {cand_cols},
           CASE WHEN c.drop_reason IS NOT NULL THEN '{STATUS_NOT_ATTEMPTED}'
@@ -92,13 +99,19 @@ def join_manifest(candidates_path: Path, build_dir: Path, resources: ResourcesCo
           CASE WHEN c.drop_reason IS NOT NULL THEN c.drop_reason
                WHEN {decodable} THEN NULL
                ELSE '{DROP_DOWNLOAD_FAILED}' END AS drop_reason
-        FROM cand c
+        FROM read_parquet($candidates, file_row_number = true) c
         LEFT JOIN d ON d.uid = c.uid AND d.source = c.source
         LEFT JOIN hs h ON h.source = c.source AND h.shard = d.shard AND h.key = d.key AND d.status = 'success'
-        ORDER BY c.rn
-        """
-    ).to_arrow_table()
-    return table.cast(manifest_schema(table.schema))
+        ORDER BY c.file_row_number"""
+    reader = con.execute(query, {"candidates": str(candidates_path)}).to_arrow_reader(ROWS_PER_BATCH)
+    schema = manifest_schema(reader.schema)
+    with atomic_path(out) as tmp, pq.ParquetWriter(tmp, schema, compression="zstd") as writer:
+        for batch in reader:
+            writer.write_table(pa.Table.from_batches([batch]).cast(schema), row_group_size=ROWS_PER_BATCH)
+    con.close()
+
+
+ROWS_PER_BATCH = 256_000
 
 
 def manifest_schema(current: pa.Schema) -> pa.Schema:

@@ -10,7 +10,7 @@ from plantmix.stages.download import download_source
 from plantmix.stages.hashes import HASH_VERSION, hash_shards
 from plantmix.core.duck import spill_dir
 from plantmix.stages.ingest import ingest_to_parquet, resolve_source_path, taxonomy_path
-from plantmix.stages.join import join_manifest
+from plantmix.stages.join import join_to_parquet
 
 
 def _source_inputs(ctx) -> list[Path]:
@@ -112,5 +112,6 @@ def join_stage(ctx) -> Stage:
 
     return Stage(
         "join", "downloads and hashes onto candidates", ctx.path("stages", "joined.parquet"),
-        lambda: join_manifest(candidates, ctx.build_dir, ctx.recipe.resources), inputs=inputs, version=3,
+        lambda: join_to_parquet(candidates, ctx.build_dir, ctx.path("stages", "joined.parquet"), ctx.recipe.resources),
+        inputs=inputs, version=3,
     )  # fmt: skip
