@@ -266,14 +266,12 @@ def stage_main(stage: str, world: Path, run: Path, rows: int) -> dict:
         write_parquet(near_pair_proposals(t["phash"].to_numpy(), None, DEDUP.phash_radius), run / "near_pairs.parquet")
         return {"rows": t.num_rows}
     if stage == "decide":
-        from plantmix.core.stage import write_parquet
-        from plantmix.curate.decide import decide
+        from plantmix.curate.decide import decide_to_parquet
 
         priority = {s.name: s.priority for s in recipe.sources}
-        joined = pq.read_table(run / "joined.parquet")
-        out = decide(joined, pq.read_table(run / "filters.parquet"), pq.read_table(run / "near_pairs.parquet"), DEDUP, priority)
-        write_parquet(out, run / "manifest.parquet")
-        return {"rows": out.num_rows}
+        filters, pairs = pq.read_table(run / "filters.parquet"), pq.read_table(run / "near_pairs.parquet")
+        decide_to_parquet(run / "joined.parquet", filters, pairs, DEDUP, priority, None, run / "manifest.parquet")
+        return {"rows": pq.read_metadata(run / "manifest.parquet").num_rows}
     if stage == "filter-today":
         import baseline_c2d31ad as today
 

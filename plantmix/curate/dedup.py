@@ -194,8 +194,7 @@ class KeepRule:
         original = np.where(known, original, stored)
         # bytes per original pixel; builds downloaded before img2dataset's size was recorded fall back
         # to the stored image's bytes per stored pixel
-        raw = pc.fill_null(t.column("original_bytes").take(take), 0).to_numpy().astype(np.float64)
-        stored_bytes = pc.fill_null(t.column("stored_bytes").take(take), 0).to_numpy().astype(np.float64)
+        raw, stored_bytes = _counts(t, take, "original_bytes"), _counts(t, take, "stored_bytes")
         use_raw = (raw > 0) & known
         nbytes = np.where(use_raw, raw, stored_bytes)
         pixels = np.where(use_raw, original, stored)
@@ -203,6 +202,13 @@ class KeepRule:
         sub = pa.table({"p": priority, "a": original, "b": per_pixel, "u": t.column("uid").take(take), "i": take})
         keys = [("p", "descending"), ("a", "descending"), ("b", "descending"), ("u", "ascending"), ("i", "ascending")]
         return pc.sort_indices(sub, sort_keys=keys).to_numpy()
+
+
+def _counts(t: pa.Table, take: pa.Array, name: str) -> np.ndarray:
+    """A byte-count column at `take` as float64, 0 where unknown (or absent: manifests joined before it existed)."""
+    if name not in t.column_names:
+        return np.zeros(len(take))
+    return pc.fill_null(t.column(name).take(take), 0).to_numpy().astype(np.float64)
 
 
 def _area(t: pa.Table, take: pa.Array, w: str, h: str) -> np.ndarray:

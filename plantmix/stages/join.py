@@ -8,6 +8,7 @@ Every candidate keeps exactly one row whatever happened to it.
 
 from __future__ import annotations
 
+import os
 import tempfile
 from pathlib import Path
 
@@ -17,7 +18,7 @@ import pyarrow.parquet as pq
 
 from plantmix.core.stage import atomic_path
 
-from plantmix.core.duck import connect, spill_dir
+from plantmix.core.duck import connect, spill_dir, sql_quote
 from plantmix.core.recipe import ResourcesConfig
 from plantmix.core.schema import (
     CANDIDATE_SCHEMA, DROP_DOWNLOAD_FAILED, MANIFEST_EXTRA_FIELDS, STATUS_MISSING, STATUS_NOT_ATTEMPTED,
@@ -103,12 +104,27 @@ def join_to_parquet(candidates_path: Path, build_dir: Path, out: Path, resources
         LEFT JOIN d ON d.uid = c.uid AND d.source = c.source
         LEFT JOIN hs h ON h.source = c.source AND h.shard = d.shard AND h.key = d.key AND d.status = 'success'
         ORDER BY c.file_row_number"""
-    reader = con.execute(query, {"candidates": str(candidates_path)}).to_arrow_reader(ROWS_PER_BATCH)
-    schema = manifest_schema(reader.schema)
-    with atomic_path(out) as tmp, pq.ParquetWriter(tmp, schema, compression="zstd") as writer:
-        for batch in reader:
-            writer.write_table(pa.Table.from_batches([batch]).cast(schema), row_group_size=ROWS_PER_BATCH)
-    con.close()
+    # COPY keeps the whole query inside DuckDB (its memory limit, its spill files); the file is then
+    # retyped row group by row group to the manifest schema (DuckDB writes every column nullable)
+    with atomic_path(out) as tmp:
+        raw = out.with_name(f".{out.name}.raw.tmp-{os.getpid()}")  # a name stale-temporary cleanup knows
+        try:
+            con.execute(
+                f"COPY ({query}) TO {sql_quote(str(raw))} (FORMAT parquet, COMPRESSION zstd, ROW_GROUP_SIZE {ROWS_PER_BATCH})",
+                {"candidates": str(candidates_path)},
+            )
+            con.close()
+            _retype(raw, tmp)
+        finally:
+            raw.unlink(missing_ok=True)
+
+
+def _retype(src: Path, dst: Path) -> None:
+    source = pq.ParquetFile(src)
+    schema = manifest_schema(source.schema_arrow)
+    with pq.ParquetWriter(dst, schema, compression="zstd") as writer:
+        for i in range(source.num_row_groups):
+            writer.write_table(source.read_row_group(i).cast(schema))
 
 
 ROWS_PER_BATCH = 256_000
