@@ -83,7 +83,13 @@ def join_to_parquet(candidates_path: Path, build_dir: Path, out: Path, resources
     cand_cols = ", ".join(f"c.{f.name}" for f in CANDIDATE_SCHEMA if f.name != "drop_reason")
     decodable = "d.status = 'success' AND h.phash IS NOT NULL"
     query = f"""
-        WITH d AS (SELECT * FROM dl QUALIFY row_number() OVER (PARTITION BY source, uid ORDER BY shard, key) = 1)
+        WITH dup AS (SELECT source, uid FROM dl GROUP BY ALL HAVING count(*) > 1),
+        -- one download row per (source, uid): a window over only the rare repeated keys, since a window
+        -- over every row does not spill and holds the whole download table in memory
+        d AS (SELECT dl.* FROM dl ANTI JOIN dup USING (source, uid)
+              UNION ALL
+              SELECT * FROM (SELECT dl.* FROM dl SEMI JOIN dup USING (source, uid))
+              QUALIFY row_number() OVER (PARTITION BY source, uid ORDER BY shard, key) = 1)
         SELECT {cand_cols},
           CASE WHEN c.drop_reason IS NOT NULL THEN '{STATUS_NOT_ATTEMPTED}'
                WHEN d.status IS NULL THEN '{STATUS_MISSING}'
