@@ -695,10 +695,13 @@ class EvalShards(IterableDataset):
     def __init__(self, urls: Sequence[str], transform: Callable, text_fields: Sequence[str]):
         self.urls, self.transform, self.text_fields = list(urls), transform, tuple(text_fields)
 
-    def __iter__(self) -> Iterator[tuple[torch.Tensor, str, str]]:
+    def worker_urls(self) -> list[str]:
+        """This DataLoader worker's share of the shards (all of them outside a worker)."""
         info = get_worker_info()
-        worker, num_workers = (info.id, info.num_workers) if info else (0, 1)
-        for url in self.urls[worker::num_workers]:
+        return self.urls[info.id :: info.num_workers] if info else self.urls
+
+    def __iter__(self) -> Iterator[tuple[torch.Tensor, str, str]]:
+        for url in self.worker_urls():
             errors: list[Exception] = []
             for sample in read_shard(url, errors):
                 try:

@@ -14,7 +14,7 @@ from typing import Any, Callable, Iterator, Literal
 
 import torch
 from pydantic import BaseModel, ConfigDict, Field
-from torch.utils.data import DataLoader, get_worker_info
+from torch.utils.data import DataLoader
 
 from dalip.data import EvalShards, decode_caption, decode_image, expand_shards, parse_caption_field, read_shard
 from dalip.errors import DalipError
@@ -41,9 +41,7 @@ class KeyedPairs(EvalShards):
     """(key, image tensor, caption) of every sample; an unreadable sample is an error, not a skip."""
 
     def __iter__(self) -> Iterator[tuple[str, torch.Tensor, str]]:
-        info = get_worker_info()
-        worker, num_workers = (info.id, info.num_workers) if info else (0, 1)
-        for url in self.urls[worker::num_workers]:
+        for url in self.worker_urls():
             errors: list[Exception] = []
             for sample in read_shard(url, errors):
                 try:

@@ -105,7 +105,7 @@ def write_plots(manifest: pa.Table, out_dir: Path) -> list[Path]:
         ax.hist([sizes["w"], sizes["h"]], bins=40, label=["width", "height"], log=True)
         ax.legend()
     ax.set(title="Downloaded image sizes (original)", xlabel="pixels", ylabel="images")
-    written.append(_save(fig, out_dir / "image_sizes.png"))
+    written.append(save_figure(fig, out_dir / "image_sizes.png"))
 
     words = con.execute(
         "SELECT keep, length(string_split(trim(coalesce(caption, '')), ' ')) AS n FROM m WHERE status = 'success'"
@@ -115,7 +115,7 @@ def write_plots(manifest: pa.Table, out_dir: Path) -> list[Path]:
         ax.hist([words["n"][words["keep"]], words["n"][~words["keep"]]], bins=30, stacked=True, label=["kept", "dropped"])
         ax.legend()
     ax.set(title="Caption length", xlabel="words", ylabel="rows")
-    written.append(_save(fig, out_dir / "caption_lengths.png"))
+    written.append(save_figure(fig, out_dir / "caption_lengths.png"))
 
     comp = con.execute(
         "SELECT source, domain, count(*) FILTER (WHERE keep) AS kept FROM m GROUP BY 1, 2 ORDER BY 2 DESC, 1"
@@ -124,15 +124,16 @@ def write_plots(manifest: pa.Table, out_dir: Path) -> list[Path]:
     colors = {"plant": "tab:green", "general": "tab:blue"}
     ax.barh([c[0] for c in comp], [c[2] for c in comp], color=[colors.get(c[1], "gray") for c in comp])
     ax.set(title="Kept rows by source (green: plant, blue: general)", xlabel="rows")
-    written.append(_save(fig, out_dir / "composition.png"))
+    written.append(save_figure(fig, out_dir / "composition.png"))
     return written
 
 
-def _save(fig, path: Path) -> Path:
+def save_figure(fig, path: Path) -> Path:
+    """Save and close a matplotlib figure as PNG, with no software tag, so reruns give the same bytes."""
     import matplotlib.pyplot as plt
 
     fig.tight_layout()
-    fig.savefig(path, dpi=100)
+    fig.savefig(path, dpi=100, metadata={"Software": None})
     plt.close(fig)
     return path
 

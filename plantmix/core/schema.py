@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import re
+
 import pyarrow as pa
 
 TAXON_RANKS = ("kingdom", "phylum", "class", "order", "family", "genus", "species")
@@ -106,3 +108,8 @@ def pandas_readable(table: pa.Table) -> pa.Table:
     metadata = dict(table.schema.metadata or {})
     metadata.update(pa.Schema.from_pandas(empty, preserve_index=False).metadata)
     return table.replace_schema_metadata(metadata)
+
+
+def species_folder(species: str) -> str:
+    """The ImageFolder class directory of a species, e.g. `quercus_robur` (eval sets and splits)."""
+    return re.sub(r"[^a-z0-9-]+", "_", species.lower()).strip("_")

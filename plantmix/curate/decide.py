@@ -32,7 +32,7 @@ from plantmix.core.errors import PlantmixError
 from plantmix.core.recipe import DedupConfig
 from plantmix.core.stage import atomic_path
 from plantmix.core.schema import DECISION_FIELDS, DROP_DUPLICATE_EXACT, DROP_DUPLICATE_NEAR, DROP_HELD_OUT, pandas_readable
-from plantmix.curate.dedup import KeepRule, group_winners, sha_groups
+from plantmix.curate.dedup import KeepRule, greedy_keep, group_winners, sha_groups
 
 NONE = -1
 
@@ -133,8 +133,6 @@ def _assign(joined: pa.Table, survivor: np.ndarray, usable: np.ndarray, pairs: p
 
 def _near_keep(reps: np.ndarray, phash: np.ndarray, pairs: pa.Table, radius: int, rule: KeepRule):
     """Greedy near dedup over exact representatives: (kept row, distance) for each of `reps`."""
-    from plantmix.curate.dedup import greedy_keep
-
     order = rule.order(reps)
     ranked = reps[order]  # best first
     values, node = np.unique(phash[ranked], return_inverse=True)

@@ -24,6 +24,7 @@ from plantmix.core.recipe import DedupConfig
 from plantmix.core.schema import DROP_DUPLICATE_EXACT, DROP_DUPLICATE_NEAR
 from plantmix.curate.decide import decide
 from plantmix.curate.dedup import MAX_RADIUS, near_pair_proposals
+from plantmix.report import save_figure
 
 THUMB = 96
 
@@ -102,7 +103,7 @@ def _plot_sweep(sweep: pa.Table, path: Path, current: int) -> None:
     ax.axvline(current, color="gray", ls=":", label=f"recipe radius {current}")
     ax.set(title="Rows merged per pHash radius", xlabel="radius (bits)", ylabel="rows")
     ax.legend()
-    _save(fig, path)
+    save_figure(fig, path)
 
 
 def _plot_nearest(distances: np.ndarray, path: Path, current: int) -> None:
@@ -117,7 +118,7 @@ def _plot_nearest(distances: np.ndarray, path: Path, current: int) -> None:
     ax.axvline(current + 0.5, color="red", ls=":", label=f"radius {current}")
     ax.set(title=f"Distance to the nearest other image (last bar: > {top - 1})", xlabel="pHash bits", ylabel="images")
     ax.legend()
-    _save(fig, path)
+    save_figure(fig, path)
 
 
 def contact_sheet(build_dir: Path, manifest: pa.Table, path: Path, groups: int) -> Path:
@@ -167,11 +168,3 @@ def _thumbnails(build_dir: Path, rows: list[dict]):
         tile = Image.new("RGB", (THUMB, THUMB), "white")
         tile.paste(im, ((THUMB - im.width) // 2, (THUMB - im.height) // 2))
         yield tile
-
-
-def _save(fig, path: Path) -> None:
-    import matplotlib.pyplot as plt
-
-    fig.tight_layout()
-    fig.savefig(path, dpi=100)
-    plt.close(fig)

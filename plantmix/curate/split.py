@@ -27,16 +27,12 @@ import pyarrow.parquet as pq
 
 from plantmix.core.errors import PlantmixError
 from plantmix.core.lock import directory_lock
+from plantmix.core.schema import species_folder
 from plantmix.core.stage import atomic_path, write_parquet
 from plantmix.mix.select import fnv1a64, selection_keys
 
 HELD_OUT_SCHEMA = pa.schema([pa.field("uid", pa.string()), pa.field("split", pa.string()), pa.field("role", pa.string())])
 _NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]*$")
-
-
-def species_folder(species: str) -> str:
-    """The ImageFolder class directory of a species, e.g. `quercus_robur` (as the demo's eval set)."""
-    return re.sub(r"[^a-z0-9-]+", "_", species.lower()).strip("_")
 
 
 def choose_held_out(manifest: pa.Table, by: Literal["species", "image"], fraction: float, seed: int) -> pa.Table:

@@ -21,7 +21,6 @@ from __future__ import annotations
 import csv
 import io
 import json
-import re
 import struct
 import zlib
 from collections import Counter
@@ -39,7 +38,7 @@ from plantmix.demo.draw import (
 )
 from plantmix.core.errors import PlantmixError
 from plantmix.core.recipe import DemoWorldConfig
-from plantmix.core.schema import TAXON_COLUMNS, TAXON_RANKS
+from plantmix.core.schema import TAXON_COLUMNS, TAXON_RANKS, species_folder
 from plantmix.core.stage import atomic_path, write_parquet
 
 DEMO_BASE_URL = "http://plantmix-demo.invalid"
@@ -146,7 +145,7 @@ class Species:
     @property
     def folder(self) -> str:
         """ImageFolder class directory, e.g. quercus_robur."""
-        return re.sub(r"[^a-z0-9-]+", "_", self.scientific.lower()).strip("_")
+        return species_folder(self.scientific)
 
 
 def species_table_path() -> Path:

@@ -12,7 +12,7 @@ from pathlib import Path
 import duckdb
 import pyarrow.parquet as pq
 
-from plantmix.report import funnel
+from plantmix.report import funnel, save_figure
 from plantmix.core.duck import sql_quote
 from plantmix.core.stage import atomic_write_text
 
@@ -63,24 +63,15 @@ def write_plots(mix_dir: Path, by_source: list[tuple], taxa: list[tuple]) -> lis
     ax.barh([s for s, _, _ in by_source], [n for _, _, n in by_source], color=[colors.get(d, "gray") for _, d, _ in by_source])
     ax.invert_yaxis()
     ax.set(title=f"{mix_dir.name}: samples by source (green plant, blue general)", xlabel="samples")
-    out.append(_save(fig, mix_dir / "composition.png"))
+    out.append(save_figure(fig, mix_dir / "composition.png"))
 
     fig, ax = plt.subplots(figsize=(6, 0.3 * max(len(taxa), 1) + 1.5))
     if taxa:
         ax.barh([t for t, _ in taxa], [n for _, n in taxa], color="tab:green")
         ax.invert_yaxis()
     ax.set(title=f"{mix_dir.name}: top {len(taxa)} species", xlabel="samples")
-    out.append(_save(fig, mix_dir / "taxa.png"))
+    out.append(save_figure(fig, mix_dir / "taxa.png"))
     return out
-
-
-def _save(fig, path: Path) -> Path:
-    import matplotlib.pyplot as plt
-
-    fig.tight_layout()
-    fig.savefig(path, dpi=100, metadata={"Software": None})
-    plt.close(fig)
-    return path
 
 
 def write_card(build_dir: Path, mix_dir: Path) -> Path:
