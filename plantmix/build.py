@@ -13,11 +13,9 @@ import importlib.metadata as md
 from dataclasses import dataclass
 from pathlib import Path
 
-import pyarrow.compute as pc
 import pyarrow.parquet as pq
 import yaml
 from rich.console import Console
-from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
 from plantmix.core.errors import PlantmixError
 from plantmix.core.recipe import Recipe
@@ -55,13 +53,6 @@ def package_versions() -> dict[str, str]:
 def write_lock(recipe: Recipe, build_dir: Path) -> None:
     lock = {"recipe_hash": recipe.hash(), "packages": package_versions(), "recipe": recipe.model_dump(mode="json")}
     atomic_write_text(build_dir / "recipe.lock.yaml", yaml.safe_dump(lock, sort_keys=False, allow_unicode=True))
-
-
-def _progress(console: Console) -> Progress:
-    return Progress(
-        TextColumn("{task.description:<28}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
-        console=console, transient=False,
-    )
 
 
 @dataclass
@@ -155,10 +146,3 @@ def read_lock(build_dir: Path) -> dict:
     if not path.exists():
         raise PlantmixError(f"{build_dir}: not a build directory (no recipe.lock.yaml)")
     return yaml.safe_load(path.read_text())
-
-
-def fetchable_rows(candidates_path: Path, source: str):
-    """The rows of `source` that go to the downloader: not dropped at ingest."""
-    candidates = pq.read_table(candidates_path, columns=["uid", "url", "path", "caption", "source", "drop_reason"])
-    rows = candidates.filter(pc.and_(pc.equal(candidates["source"], source), pc.is_null(candidates["drop_reason"])))
-    return rows.select(["uid", "url", "path", "caption"])

@@ -4,6 +4,11 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import pyarrow.compute as pc
+import pyarrow.parquet as pq
+from rich.console import Console
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+
 from plantmix.core.errors import PlantmixError
 from plantmix.core.stage import Stage
 from plantmix.stages.download import download_source
@@ -48,8 +53,6 @@ def ingest_stage(ctx) -> Stage:
 
 def download_stage(ctx) -> Stage:
     """One img2dataset run per source; each keeps its own marker, so this stage is managed."""
-    from plantmix.build import _progress, fetchable_rows
-
     candidates = ctx.path("candidates.parquet")
 
     def run() -> bool:
@@ -87,8 +90,6 @@ def _url_rewrite(ctx, rows: int) -> dict[str, str] | None:
 
 
 def hashes_stage(ctx) -> Stage:
-    from plantmix.build import _progress
-
     def run() -> bool:
         with _progress(ctx.console) as progress:
             task = progress.add_task("perceptual hashes (shards)", total=None)
@@ -115,3 +116,17 @@ def join_stage(ctx) -> Stage:
         lambda: join_to_parquet(candidates, ctx.build_dir, ctx.path("stages", "joined.parquet"), ctx.recipe.resources),
         inputs=inputs, version=3,
     )  # fmt: skip
+
+
+def _progress(console: Console) -> Progress:
+    return Progress(
+        TextColumn("{task.description:<28}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
+        console=console, transient=False,
+    )
+
+
+def fetchable_rows(candidates_path: Path, source: str):
+    """The rows of `source` that go to the downloader: not dropped at ingest."""
+    candidates = pq.read_table(candidates_path, columns=["uid", "url", "path", "caption", "source", "drop_reason"])
+    rows = candidates.filter(pc.and_(pc.equal(candidates["source"], source), pc.is_null(candidates["drop_reason"])))
+    return rows.select(["uid", "url", "path", "caption"])
