@@ -30,9 +30,11 @@ STAGE_DESCRIPTIONS = {
     "ingest": "read every source into candidates.parquet (uid, provenance, captions)",
     "download": "img2dataset → download/<source>/NNNNN.tar (+ .parquet, _stats.json)",
     "hashes": "pHash (and mirror pHash) of every downloaded image → hashes/<source>/",
+    "embed": "scorer model's image and caption embeddings per download tar (clip-retrieval) → embeddings/<source>/",
     "join": "download results and hashes onto every candidate → stages/joined.parquet",
     "filter": "image size/aspect and caption rules → proposals/filters.parquet",
     "dedup": "near-duplicate pHash pairs (mirrors included) → proposals/near_pairs.parquet",
+    "score": "CLIP score, plant relevance, semantic pairs, eval overlap → proposals/model_*.parquet",
     "decide": "row-level rejections, then duplicate groups by the keep rule → manifest.parquet",
     "report": "funnel, label conflicts and plots → reports/",
     "mix": "seeded, nested selection per mix → shuffled webdataset shards + dataset card",
@@ -76,10 +78,18 @@ def build_stages(ctx: BuildContext) -> list[Stage]:
     from plantmix.curate import steps as curate
     from plantmix.stages import steps
 
-    out = [
-        steps.ingest_stage(ctx), steps.download_stage(ctx), steps.hashes_stage(ctx), steps.join_stage(ctx),
-        curate.filter_stage(ctx), curate.dedup_stage(ctx), curate.decide_stage(ctx), curate.report_stage(ctx),
-    ]  # fmt: skip
+    recipe = ctx.recipe
+    out = [steps.ingest_stage(ctx), steps.download_stage(ctx), steps.hashes_stage(ctx)]
+    if recipe.scorer is not None:  # embeddings only when a model-based check needs them
+        from plantmix.embed.steps import embed_stage
+
+        out.append(embed_stage(ctx))
+    out += [steps.join_stage(ctx), curate.filter_stage(ctx), curate.dedup_stage(ctx)]
+    if any(getattr(recipe, n) is not None for n in ("clip_score", "relevance", "semantic_dedup", "decontaminate")):
+        from plantmix.curate.model_steps import score_stage
+
+        out.append(score_stage(ctx))
+    out += [curate.decide_stage(ctx), curate.report_stage(ctx)]
     if ctx.recipe.mix:
         from plantmix.mix.steps import mix_stage
 

@@ -134,6 +134,91 @@ class FilterConfig(_Strict):
         return self
 
 
+class ScorerConfig(_Strict):
+    """The model whose embeddings the model-based curation reads (plantmix.embed).
+
+    `model` is an open_clip tag `open_clip:ARCH/PRETRAINED` (weights from the user's open_clip / Hugging
+    Face cache), a local checkpoint `open_clip:ARCH//abs/path/to/weights` (ARCH a stock open_clip
+    architecture or one whose config JSON lies beside the weights), or a `dalip export` directory.
+    Relative paths are relative to the recipe's directory.
+    """
+
+    model_config = ConfigDict(extra="forbid", frozen=True)  # hashable: one loaded model per configuration
+
+    model: str = Field(min_length=1)
+    batch_size: int = Field(256, ge=1, le=65_536)
+    device: Literal["cpu", "cuda"] = "cpu"
+    precision: Literal["fp32", "fp16", "bf16"] = "fp32"
+    num_workers: int = Field(2, ge=0, le=64)  # image decoding processes of the inference reader
+
+
+PerDomainFloat = dict[Literal["plant", "general"], float]
+
+
+class ClipScoreConfig(_Strict):
+    """Image-caption similarity filter (drop reason clip_score_low), per domain: a fixed minimum
+    cosine, or keep the top fraction of the domain's scored rows (DataComp's way: fraction → threshold
+    by sorting). A domain named in neither keeps every row (the score is still recorded)."""
+
+    min: PerDomainFloat = Field(default_factory=dict)
+    top_fraction: PerDomainFloat = Field(default_factory=dict)
+
+    @model_validator(mode="after")
+    def _bounds(self) -> "ClipScoreConfig":
+        for domain, f in self.top_fraction.items():
+            if not 0 < f <= 1:
+                raise ValueError(f"top_fraction for {domain} must lie in (0, 1]; got {f}")
+        for domain, v in self.min.items():
+            if not -1 <= v <= 1:
+                raise ValueError(f"min for {domain} is a cosine and must lie in [-1, 1]; got {v}")
+        both = sorted(set(self.min) & set(self.top_fraction))
+        if both:
+            raise ValueError(f"give min or top_fraction per domain, not both: {both}")
+        return self
+
+
+class RelevanceConfig(_Strict):
+    """Plant relevance (plant_score): similarity to plant prototypes vs general ones, in [0, 1].
+
+    Plant prototypes: the build's taxon names in the caption templates plus `plant_prompts`, and the
+    images of `support_dir` when given; general prototypes: `general_prompts`. A general row scoring
+    at least `threshold` is `plant_in_general` (dropped, or moved to the plant domain with `route:
+    move`); a plant row below it is `not_a_plant`. `centroids` > 0 adds DataComp-style routing: faiss
+    k-means over the pool, rows in clusters whose centroid lies nearest the plant prototypes count as
+    plants.
+    """
+
+    threshold: float = Field(0.5, ge=0, le=1)
+    check: list[Literal["plant", "general"]] = Field(default_factory=lambda: ["plant", "general"])
+    route: Literal["drop", "move"] = "drop"
+    plant_prompts: list[str] = Field(default_factory=lambda: [
+        "a photo of a plant", "a photo of a leaf", "a close-up photo of leaves", "a photo of a flower",
+    ])  # fmt: skip
+    general_prompts: list[str] = Field(default_factory=lambda: [
+        "a photo of an object", "a photo of a scene", "a photo of a building", "a photo of a vehicle",
+    ])  # fmt: skip
+    support_dir: str | None = None
+    centroids: int = Field(0, ge=0)
+
+
+class SemanticDedupConfig(_Strict):
+    """SemDeDup: faiss k-means on image embeddings; within a cluster, a pair with cosine > 1 - epsilon is
+    a semantic duplicate (drop reason duplicate_semantic, keep rule of the decision step)."""
+
+    epsilon: float = Field(0.05, gt=0, lt=1)
+    clusters: int = Field(0, ge=0)  # 0: about sqrt(rows / 20), at least 1
+    report_epsilons: list[float] = Field(default_factory=lambda: [0.01, 0.02, 0.05, 0.1, 0.2])
+
+
+class DecontaminateConfig(_Strict):
+    """Rows overlapping an evaluation set (exact sha256, pHash within the radius, or image embedding
+    cosine at least `embedding_cosine`) get drop reason eval_overlap and the set's name."""
+
+    eval_sets: list[str] = Field(min_length=1)  # image folders; relative paths from the recipe; may use {demo}
+    phash_radius: int = Field(10, ge=0, le=32)
+    embedding_cosine: float | None = Field(0.95, gt=0, le=1)  # null: hashes only (no scorer needed)
+
+
 _MEMORY_SIZE = r"^\s*\d+(\.\d+)?\s*(B|KB|MB|GB|TB|KiB|MiB|GiB|TiB)\s*$"
 
 
@@ -159,6 +244,12 @@ class Recipe(_Strict):
     dedup: DedupConfig = Field(default_factory=DedupConfig)
     filters: FilterConfig = Field(default_factory=FilterConfig)
     resources: ResourcesConfig = Field(default_factory=ResourcesConfig)
+    # Model-based curation (each needs `scorer`, except decontamination by hashes alone).
+    scorer: ScorerConfig | None = None
+    clip_score: ClipScoreConfig | None = None
+    relevance: RelevanceConfig | None = None
+    semantic_dedup: SemanticDedupConfig | None = None
+    decontaminate: DecontaminateConfig | None = None
     mix: list[MixSpec] | None = None  # run in order after the filter stage (plantmix.mix.run_mix)
     ablation: AblationConfig | None = None  # `plantmix ablate` (plantmix.ablate); not part of the build
 
@@ -170,6 +261,11 @@ class Recipe(_Strict):
             raise ValueError(f"source names must be unique; repeated: {dup}")
         if any("{demo}" in s.path for s in self.sources) and self.demo_world is None:
             raise ValueError("a source path uses {demo} but the recipe has no demo_world section")
+        needs = [n for n in ("clip_score", "relevance", "semantic_dedup") if getattr(self, n) is not None]
+        if self.decontaminate is not None and self.decontaminate.embedding_cosine is not None:
+            needs.append("decontaminate.embedding_cosine")
+        if needs and self.scorer is None:
+            raise ValueError(f"{', '.join(needs)} need(s) a scorer model: add a scorer section")
         return self
 
     def hash(self) -> str:
@@ -178,8 +274,15 @@ class Recipe(_Strict):
         `resources` and `ablation` are left out: how much of a machine a build uses, and what
         ablations are run on it, never change what it builds.
         """
-        blob = json.dumps(self.model_dump(mode="json", exclude={"resources", "ablation"}), sort_keys=True)
+        resolved = self.model_dump(mode="json", exclude={"resources", "ablation"})
+        for section in _OPTIONAL_SECTIONS:  # absent sections leave the hash of older recipes unchanged
+            if resolved.get(section) is None:
+                resolved.pop(section, None)
+        blob = json.dumps(resolved, sort_keys=True)
         return hashlib.sha256(blob.encode()).hexdigest()[:16]
+
+
+_OPTIONAL_SECTIONS = ("scorer", "clip_score", "relevance", "semantic_dedup", "decontaminate")
 
 
 def _format_error(path: Path, err: ValidationError) -> str:

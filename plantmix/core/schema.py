@@ -62,6 +62,13 @@ DECISION_FIELDS: list[pa.Field] = [
     pa.field("label_conflict", pa.bool_()),  # member of a duplicate group whose rows name different species
 ]
 
+# Columns the model-based proposals add (scorer embeddings: plantmix.embed, plantmix.curate.model_*).
+MODEL_DECISION_FIELDS: list[pa.Field] = [
+    pa.field("semantic_cluster", pa.int32()),  # SemDeDup k-means cluster of the image embedding
+    pa.field("eval_overlap", pa.string()),  # name of the evaluation set the image overlaps
+    pa.field("routed_from", pa.string()),  # the row's domain before relevance routing moved it (route: move)
+]
+
 # drop_reason values, each with the stage that proposes it. A row has at most one: the decision step
 # applies row-level reasons first (ingest, download, filters), then duplicate groups (DESIGN §3).
 # ingest
@@ -81,16 +88,22 @@ DROP_CAPTION_SHORT = "caption_too_short"
 DROP_CAPTION_LONG = "caption_too_long"
 DROP_CAPTION_GARBAGE = "caption_garbage"
 DROP_CAPTION_SCRIPT = "caption_script"
+# model-based proposals (a scorer model's embeddings)
+DROP_CLIP_SCORE_LOW = "clip_score_low"  # image-caption similarity below the domain's threshold
+DROP_PLANT_IN_GENERAL = "plant_in_general"  # a general-domain row whose image scores as a plant
+DROP_NOT_A_PLANT = "not_a_plant"  # a plant-domain row whose image does not score as a plant
+DROP_EVAL_OVERLAP = "eval_overlap"  # exact, pHash or embedding copy of an evaluation image
 # dedup
 DROP_DUPLICATE_EXACT = "duplicate_exact"  # same sha256 as its dup_of
 DROP_DUPLICATE_NEAR = "duplicate_near"  # pHash (or its mirror's) within the radius of its dup_of's
+DROP_DUPLICATE_SEMANTIC = "duplicate_semantic"  # image embedding within cosine 1 - epsilon of its dup_of's (SemDeDup)
 
 ROW_LEVEL_REASONS = (
     DROP_UNSUPPORTED_SCHEME, DROP_MISSING_URL, DROP_MISSING_IMAGE, DROP_DOWNLOAD_FAILED, DROP_HELD_OUT, DROP_TOO_SMALL,
     DROP_ASPECT, DROP_CAPTION_EMPTY, DROP_CAPTION_SHORT, DROP_CAPTION_LONG, DROP_CAPTION_GARBAGE,
-    DROP_CAPTION_SCRIPT,
+    DROP_CAPTION_SCRIPT, DROP_EVAL_OVERLAP, DROP_CLIP_SCORE_LOW, DROP_PLANT_IN_GENERAL, DROP_NOT_A_PLANT,
 )  # fmt: skip
-DUPLICATE_REASONS = (DROP_DUPLICATE_EXACT, DROP_DUPLICATE_NEAR)
+DUPLICATE_REASONS = (DROP_DUPLICATE_EXACT, DROP_DUPLICATE_NEAR, DROP_DUPLICATE_SEMANTIC)
 
 
 def pandas_readable(table: pa.Table) -> pa.Table:
