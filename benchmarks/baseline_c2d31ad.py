@@ -99,14 +99,18 @@ def ingest_source(
         url = _text(raw.get("url"))
         path = _text(raw.get("path"))
         key = _text(raw.get("source_key"))
-        identity = key or (path if local else url) or f"row:{i}"
-        uid = make_uid(source.name, identity)
-        if uid in by_uid:
-            by_uid[uid]["input_rows"] += 1
-            report.collapsed += 1
-            continue
+        uid = make_uid(source.name, key=key, **({"path": path} if local else {"url": url}), row=i)
         taxa = {c: _text(raw.get(c)) for c in (*TAXON_COLUMNS, "common_name")}
         variants = caption_variants(taxa)
+        caption = pick_caption(source.caption, _text(raw.get("caption")), variants, uid, seed)
+        if uid in by_uid:
+            first = by_uid[uid]
+            first["input_rows"] += 1
+            others = first["collapsed_captions"] or []
+            if caption is not None and caption != first["caption"] and caption not in others:
+                first["collapsed_captions"] = [*others, caption]
+            report.collapsed += 1
+            continue
         drop = None
         if local:
             if path is None:
@@ -121,13 +125,14 @@ def ingest_source(
             "domain": source.domain,
             "url": url,
             "path": path,
-            "caption": pick_caption(source.caption, _text(raw.get("caption")), variants, uid, seed),
+            "caption": caption,
             **{f"caption_{t}": variants[t] for t in CAPTION_TEMPLATES},
             "license": _text(raw.get("license")) or source.license,
             "attribution": _text(raw.get("attribution")) or source.attribution,
             **taxa,
             "source_key": key,
             "input_rows": 1,
+            "collapsed_captions": None,
             "drop_reason": drop,
         }
         by_uid[uid] = row

@@ -38,7 +38,7 @@ def clean_rows(world: Path) -> pa.Table:
     rows = [r for t in tables for r in t.select(["url", "caption"]).to_pylist() if r["url"] in ok_urls]
     return pa.table(
         {
-            "uid": [make_uid("bench", r["url"]) for r in rows],
+            "uid": [make_uid("bench", url=r["url"]) for r in rows],
             "url": [r["url"] for r in rows],
             "path": pa.nulls(len(rows), pa.string()),
             "caption": [r["caption"] for r in rows],

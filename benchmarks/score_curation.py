@@ -36,8 +36,8 @@ def main() -> None:
     m = {r["uid"]: r for r in manifest.to_pylist()}
     truth = pq.read_table(args.build / "demo_world" / "ground_truth.parquet").to_pylist()
     source = {"plant": "demo_plant", "general": "demo_general"}
-    uid_of = {g["url"]: make_uid(source[g["list"]], g["key"]) for g in truth}
-    planted = [(make_uid(source[g["list"]], g["key"]), uid_of[g["dup_of_url"]], g["fault"]) for g in truth
+    uid_of = {g["url"]: make_uid(source[g["list"]], key=g["key"]) for g in truth}
+    planted = [(make_uid(source[g["list"]], key=g["key"]), uid_of[g["dup_of_url"]], g["fault"]) for g in truth
                if g["dup_of_url"] and g["fault"] in COPY_KINDS]  # fmt: skip
 
     def head(u: str) -> str:

@@ -140,8 +140,11 @@ def _run_locked(recipe: Recipe, build_dir: Path, until: str | None, recipe_path:
                 break
     write_lock(recipe, build_dir)  # only once the stages it describes have succeeded
     if until in (None, "decide", "report", "mix"):
+        from plantmix.stages.ingest import over_max_rows
+
         manifest = pq.read_table(build_dir / "manifest.parquet")
-        console.print(funnel_table(funnel(manifest), title=f"Funnel — {recipe.name}"))
+        capped = over_max_rows(build_dir / "candidates.parquet")
+        console.print(funnel_table(funnel(manifest, capped), title=f"Funnel — {recipe.name}"))
         return build_dir / "manifest.parquet"
     return last
 

@@ -12,7 +12,7 @@ from rich.console import Console
 from rich.table import Table
 
 from plantmix.core.errors import PlantmixError
-from plantmix.core.schema import DROP_DOWNLOAD_FAILED
+from plantmix.core.schema import DROP_DOWNLOAD_FAILED, DROP_OVER_MAX_ROWS
 
 COLLAPSED = "duplicate_uid_collapsed"
 
@@ -23,22 +23,28 @@ def make_console(stderr: bool = False) -> Console:
     return Console(stderr=stderr, width=None if stream.isatty() else 120)
 
 
-def funnel(manifest: pa.Table) -> pa.Table:
+def funnel(manifest: pa.Table, over_max_rows: pa.Table | None = None) -> pa.Table:
     """Long-form funnel: (source, domain, stage, reason, rows).
 
     stage is one of `in`, `ingest`, `download`, `curation`, `kept`, and `flag`. Download failures are
-    split by img2dataset status; rows collapsed at ingest (same uid within a source) count under ingest.
-    For every source, rows `in` = the sum of the stages other than `in` and `flag` — the accounting
-    identity tests check. `flag` counts rows in label-conflict groups (kept or not): not a drop.
+    split by img2dataset status; rows collapsed at ingest (same uid within a source) and the rows past a
+    source's `max_rows` (`over_max_rows`: (source, domain, rows), from the ingest report) count under
+    ingest. For every source, rows `in` = the sum of the stages other than `in` and `flag` — the
+    accounting identity tests check. `flag` counts rows in label-conflict groups (kept or not): not a drop.
     """
     con = duckdb.connect()
     con.register("m", manifest)
+    con.register("capped", over_max_rows if over_max_rows is not None else _NO_CAPPED_ROWS)
     conflict = "label_conflict" if "label_conflict" in manifest.column_names else "false"
     return con.sql(
         f"""
-        SELECT source, domain, 'in' AS stage, 'rows read' AS reason, sum(input_rows) AS rows FROM m GROUP BY 1, 2
+        SELECT source, domain, 'in' AS stage, 'rows read' AS reason, sum(rows) AS rows FROM (
+          SELECT source, domain, input_rows AS rows FROM m UNION ALL SELECT source, domain, rows FROM capped
+        ) GROUP BY 1, 2
         UNION ALL
         SELECT source, domain, 'ingest', '{COLLAPSED}', sum(input_rows - 1) FROM m GROUP BY 1, 2 HAVING sum(input_rows - 1) > 0
+        UNION ALL
+        SELECT source, domain, 'ingest', '{DROP_OVER_MAX_ROWS}', sum(rows) FROM capped GROUP BY 1, 2 HAVING sum(rows) > 0
         UNION ALL
         SELECT source, domain, 'ingest', drop_reason, count(*) FROM m
           WHERE NOT keep AND status = 'not_attempted' GROUP BY 1, 2, 4
@@ -56,6 +62,9 @@ def funnel(manifest: pa.Table) -> pa.Table:
                  WHEN 'curation' THEN 3 WHEN 'kept' THEN 4 ELSE 5 END, rows DESC, reason
         """
     ).to_arrow_table()
+
+
+_NO_CAPPED_ROWS = pa.table({"source": pa.array([], pa.string()), "domain": pa.array([], pa.string()), "rows": pa.array([], pa.int64())})
 
 
 def funnel_table(f: pa.Table, title: str = "Funnel") -> Table:
@@ -180,10 +189,12 @@ def write_reports(build_dir: Path, source_priority: dict[str, int] | None = None
     """reports/funnel.csv, reports/label_conflicts.csv and the PNG plots of a build; returns the funnel."""
     import pyarrow.csv as pacsv
 
+    from plantmix.stages.ingest import over_max_rows
+
     manifest = load_manifest(build_dir)
     reports = Path(build_dir) / "reports"
     reports.mkdir(parents=True, exist_ok=True)
-    f = funnel(manifest)
+    f = funnel(manifest, over_max_rows(Path(build_dir) / "candidates.parquet"))
     pacsv.write_csv(f, reports / "funnel.csv")
     pacsv.write_csv(label_conflicts(manifest, source_priority), reports / "label_conflicts.csv")
     write_plots(manifest, reports)

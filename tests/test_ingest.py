@@ -15,7 +15,7 @@ from PIL import Image
 from plantmix.core.errors import PlantmixError
 from plantmix.stages.ingest import ingest, make_uid
 from plantmix.core.recipe import Recipe
-from plantmix.core.schema import CANDIDATE_SCHEMA, TAXON_COLUMNS
+from plantmix.core.schema import CANDIDATE_SCHEMA, MANIFEST_EXTRA_FIELDS, TAXON_COLUMNS
 
 ROWS = [
     {"URL": "http://a.example/1.jpg", "TEXT": "a leaf of oak", "sp": "Quercus robur"},
@@ -58,12 +58,12 @@ def test_url_list_formats_and_accounting(tmp_path, fmt):
     assert table["caption"].to_pylist()[:2] == ["a photo of Quercus robur.", "a photo of Acer campestre."]
     # a template whose fields are missing falls back to the source's own caption
     assert table["caption"].to_pylist()[2] == "wrong scheme"
-    assert table["uid"][0].as_py() == make_uid("s", "http://a.example/1.jpg")
+    assert table["uid"][0].as_py() == make_uid("s", url="http://a.example/1.jpg")
     assert len(set(table["uid"].to_pylist())) == 5
 
 
 def test_uid_is_stable_and_source_scoped():
-    assert make_uid("a", "u") == make_uid("a", "u") != make_uid("b", "u")
+    assert make_uid("a", url="u") == make_uid("a", url="u") != make_uid("b", url="u")
 
 
 def test_missing_url_column_is_a_clear_error(tmp_path):
@@ -186,5 +186,103 @@ def test_same_candidates_as_the_per_row_ingest(tmp_path, mode):
     table, [report] = ingest(r, tmp_path, tmp_path / "x")
     expected = reference_ingest(r.sources[0], rows, r.download.allowed_schemes, r.seed)
     assert report.collapsed > 0 and report.rows_read == 3000
+    assert table["collapsed_captions"].null_count < table.num_rows  # collapsed rows with other captions were planted
     for name in expected.column_names:
         assert table[name].to_pylist() == expected[name].to_pylist(), name
+
+
+# ---- identity and accounting -------------------------------------------------------------------------
+
+
+def test_uid_namespaces_keep_keys_urls_and_row_numbers_apart(tmp_path):
+    """A row's key equal to another row's URL, or to `row:<i>` of a row with neither, used to share
+    one uid (and one download); each row now has its own."""
+    path = tmp_path / "urls.csv"
+    path.write_text("key,url,caption\n"
+                    "http://x.example/1.jpg,http://x.example/a.jpg,keyed by a url-like key\n"
+                    ",http://x.example/1.jpg,a plain url\n"
+                    "row:3,http://x.example/b.jpg,keyed like a row number\n"
+                    ",,no key and no url\n")  # fmt: skip
+    table, [report] = ingest(recipe(path=str(path)), tmp_path, tmp_path / "x")
+    assert report.rows_read == 4 and report.collapsed == 0 and table.num_rows == 4
+    assert table["uid"].to_pylist() == [
+        make_uid("s", key="http://x.example/1.jpg"), make_uid("s", url="http://x.example/1.jpg"),
+        make_uid("s", key="row:3"), make_uid("s", row=3),
+    ]  # fmt: skip
+    assert len(set(table["uid"].to_pylist())) == 4
+    assert make_uid("s", key="k", url="u") == make_uid("s", key="k") != make_uid("s", url="k")
+    with pytest.raises(ValueError):
+        make_uid("s")
+
+
+def test_image_folder_uids_are_keyed_by_relative_path(tmp_path):
+    (tmp_path / "imgs" / "Quercus_robur").mkdir(parents=True)
+    (tmp_path / "imgs" / "Quercus_robur" / "0.png").write_bytes(_png())
+    table, _ = ingest(recipe(format="image_folder", path="imgs"), tmp_path, tmp_path / "x")
+    assert table["uid"].to_pylist() == [make_uid("s", key="Quercus_robur/0.png")]
+
+
+REPEATED = [  # (url, caption): one URL six times with four distinct captions (one blank, one repeated)
+    ("http://x.example/1.jpg", "a leaf of an oak tree"), ("http://x.example/2.jpg", "a maple leaf in spring"),
+    ("http://x.example/1.jpg", "an oak leaf in autumn light"), ("http://x.example/1.jpg", "a leaf of an oak tree"),
+    ("http://x.example/1.jpg", " "), ("http://x.example/1.jpg", "an oak leaf in autumn light"),
+    ("http://x.example/1.jpg", "x"),
+]
+
+
+def _repeated_list(tmp_path: Path) -> Path:
+    path = tmp_path / "urls.parquet"
+    pq.write_table(pa.table({"url": [u for u, _ in REPEATED], "caption": [c for _, c in REPEATED]}), path)
+    return path
+
+
+def test_collapsed_rows_keep_their_captions(tmp_path):
+    table, [report] = ingest(recipe(path=str(_repeated_list(tmp_path))), tmp_path, tmp_path / "x")
+    assert report.rows_read == 7 and report.collapsed == 5 and table.num_rows == 2
+    assert table["input_rows"].to_pylist() == [6, 1]
+    assert table["caption"].to_pylist() == ["a leaf of an oak tree", "a maple leaf in spring"]
+    # distinct, in input order, the row's own caption and blanks left out
+    assert table["collapsed_captions"].to_pylist() == [["an oak leaf in autumn light", "x"], None]
+
+
+def test_collapsed_captions_reach_the_kept_rows_captions(tmp_path):
+    """Through the filters (which reject the one-letter caption) and the decision, with a duplicate
+    group on top: the kept twin's captions hold its own, its collapsed ones and its twin's."""
+    from plantmix.core.recipe import DedupConfig, FilterConfig
+    from plantmix.curate.decide import decide
+    from plantmix.curate.filters import filter_proposals
+    from plantmix.curate.dedup import PAIR_SCHEMA
+
+    table, _ = ingest(recipe(path=str(_repeated_list(tmp_path))), tmp_path, tmp_path / "x")
+    n = table.num_rows
+    joined = table.drop_columns(["drop_reason"])
+    extra = {"sha256": pa.array(["same"] * n), "phash": pa.array([7] * n, pa.uint64()),
+             "width": pa.array([300, 200], pa.int64()), "height": pa.array([300, 200], pa.int64()),
+             "keep": pa.array([True] * n)}
+    for f in [*MANIFEST_EXTRA_FIELDS, pa.field("drop_reason", pa.string())]:
+        joined = joined.append_column(f, extra.get(f.name, pa.nulls(n, f.type)))
+    filters = filter_proposals(joined, FilterConfig())
+    assert filters["collapsed_captions"].to_pylist() == [["an oak leaf in autumn light"], None]
+    manifest = decide(joined, filters, PAIR_SCHEMA.empty_table(), DedupConfig(), {"s": 1})
+    assert manifest["keep"].to_pylist() == [True, False] and manifest["dup_of"][1].as_py() == manifest["uid"][0].as_py()
+    assert manifest["captions"][0].as_py() == ["a leaf of an oak tree", "a maple leaf in spring", "an oak leaf in autumn light"]
+
+
+def test_rows_past_max_rows_are_counted(tmp_path):
+    from plantmix.report import funnel
+    from plantmix.stages.ingest import ingest_to_parquet, over_max_rows
+
+    path = write_list(tmp_path, "parquet")
+    r = recipe(path=str(path), columns={"url": "URL", "caption": "TEXT"}, max_rows=4)
+    r = r.model_copy(update={"resources": r.resources.model_copy(update={"batch_rows": 3})})
+    out = tmp_path / "b" / "candidates.parquet"
+    [report] = ingest_to_parquet(r, tmp_path, tmp_path / "x", None, out)
+    assert (report.rows_read, report.over_max_rows) == (4, 2)
+    assert over_max_rows(out).to_pylist() == [{"source": "s", "domain": "plant", "rows": 2}]
+    # the funnel of these candidates (as if nothing were downloaded) accounts for all 6 input rows
+    c = pq.read_table(out)
+    m = c.append_column("status", pa.array(["not_attempted"] * c.num_rows)).append_column("keep", pa.array([False] * c.num_rows))
+    f = funnel(m, over_max_rows(out)).to_pylist()
+    assert sum(x["rows"] for x in f if x["stage"] == "in") == len(ROWS)
+    assert sum(x["rows"] for x in f if x["stage"] not in ("in", "flag")) == len(ROWS)
+    assert {"source": "s", "domain": "plant", "stage": "ingest", "reason": "over_max_rows", "rows": 2} in f

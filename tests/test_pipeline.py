@@ -66,7 +66,7 @@ def truth_by_uid(build: Path):
     source_of = {"plant": "demo_plant", "general": "demo_general"}
     out: dict[str, list[dict]] = {}
     for row in gt:
-        out.setdefault(make_uid(source_of[row["list"]], row["key"]), []).append(row)
+        out.setdefault(make_uid(source_of[row["list"]], key=row["key"]), []).append(row)
     return out
 
 

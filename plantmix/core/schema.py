@@ -26,6 +26,8 @@ CANDIDATE_FIELDS: list[pa.Field] = [
     pa.field("common_name", pa.string()),
     pa.field("source_key", pa.string()),
     pa.field("input_rows", pa.int64(), nullable=False),  # >1 when duplicate uids were collapsed
+    # the distinct captions of the rows collapsed into this one that differ from its own (input order)
+    pa.field("collapsed_captions", pa.list_(pa.string())),
     pa.field("drop_reason", pa.string()),  # set at ingest for rows never sent to download
 ]
 CANDIDATE_SCHEMA = pa.schema(CANDIDATE_FIELDS)
@@ -75,6 +77,8 @@ MODEL_DECISION_FIELDS: list[pa.Field] = [
 DROP_UNSUPPORTED_SCHEME = "unsupported_url_scheme"
 DROP_MISSING_URL = "missing_url"
 DROP_MISSING_IMAGE = "missing_image"  # a local source file that does not exist
+# ingest, on no row: rows past a source's `max_rows` are read only to be counted (the funnel's ingest stage)
+DROP_OVER_MAX_ROWS = "over_max_rows"
 # download / join
 DROP_DOWNLOAD_FAILED = "download_failed"  # detail in status / error_message
 # split (`plantmix split`): set aside as evaluation data, with the rows of its duplicate group

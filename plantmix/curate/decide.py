@@ -241,6 +241,7 @@ def _columns(joined, filters, survivor, caption_ok, target, distance, held) -> d
     reason = pc.if_else(pa.array(keep), pa.nulls(n, pa.string()), reason)
     dist = pa.array(np.where(has_target, distance, 0).astype(np.int8), mask=~has_target)
     captions, conflict = _group_columns(joined, keep, caption_ok, target, distance)
+    captions = _with_collapsed_captions(captions, filters, keep, target)
     return {"keep": pa.array(keep), "drop_reason": _flat(reason), "dup_of": _flat(dup_uid), "captions": captions,
             "dup_distance": dist, "label_conflict": conflict}  # fmt: skip
 
@@ -307,6 +308,30 @@ def _group_columns(joined, keep, caption_ok, target, distance):
     values = pool.take(pa.array(index))
     captions = pa.ListArray.from_arrays(pa.array(offsets.astype(np.int32)), values, mask=pa.array(~keep))
     return captions, pa.array(conflict)
+
+
+def _with_collapsed_captions(captions: pa.ListArray, filters: pa.Table, keep: np.ndarray, target: np.ndarray) -> pa.ListArray:
+    """Kept rows' `captions`, then the valid captions of the input rows collapsed at ingest into the
+    kept row or into its group's members (filter proposals), distinct: a repeated URL's other captions
+    are not lost either. Python touches only the kept rows that receive some."""
+    if "collapsed_captions" not in filters.column_names:
+        return captions
+    extra = filters["collapsed_captions"].combine_chunks()
+    rows = np.nonzero(pc.fill_null(pc.list_value_length(extra), 0).to_numpy(zero_copy_only=False) > 0)[0]
+    head = np.where(keep[rows], rows, target[rows])
+    rows, head = rows[head != NONE], head[head != NONE]
+    if not len(rows):
+        return captions
+    order = np.lexsort((rows, rows != head, head))  # per kept row: its own first, then its members'
+    rows, head = rows[order], head[order]
+    heads = np.unique(head)
+    merged = dict(zip(heads.tolist(), captions.take(pa.array(heads)).to_pylist()))
+    for h, texts in zip(head.tolist(), extra.take(pa.array(rows)).to_pylist()):
+        merged[h].extend(texts)
+    new = pa.array([list(dict.fromkeys(merged[h])) for h in heads.tolist()], captions.type)
+    index = np.arange(len(captions))
+    index[heads] = len(captions) + np.arange(len(heads))
+    return pa.concat_arrays([captions, new]).take(pa.array(index))
 
 
 # ---- invariants ---------------------------------------------------------------------------------------

@@ -55,7 +55,8 @@ def filter_reasons(table: pa.Table, cfg: FilterConfig, threads: int | None = Non
 
 
 FILTER_PROPOSAL_SCHEMA = pa.schema(
-    [pa.field("uid", pa.string()), pa.field("image_reason", pa.string()), pa.field("caption_reason", pa.string())]
+    [pa.field("uid", pa.string()), pa.field("image_reason", pa.string()), pa.field("caption_reason", pa.string()),
+     pa.field("collapsed_captions", pa.list_(pa.string()))]  # those of the row's collapsed captions that pass
 )
 
 
@@ -67,7 +68,25 @@ def filter_proposals(table: pa.Table, cfg: FilterConfig, threads: int | None = N
     image, caption = _codes(table, cfg, threads)
     usable = pc.fill_null(table["keep"], False).to_numpy(zero_copy_only=False)
     image[~usable], caption[~usable] = 0, 0
-    return pa.table([table["uid"], _reasons(image), _reasons(caption)], schema=FILTER_PROPOSAL_SCHEMA)
+    extra = _valid_collapsed_captions(table, usable, cfg)
+    return pa.table([table["uid"], _reasons(image), _reasons(caption), extra], schema=FILTER_PROPOSAL_SCHEMA)
+
+
+def _valid_collapsed_captions(table: pa.Table, usable: np.ndarray, cfg: FilterConfig) -> pa.Array:
+    """Per row, the captions of the input rows collapsed into it at ingest that pass the caption
+    rules (null for rows without any, and for rows without a usable image)."""
+    list_type = FILTER_PROPOSAL_SCHEMA.field("collapsed_captions").type
+    if "collapsed_captions" not in table.column_names:
+        return pa.nulls(table.num_rows, list_type)
+    lists = table["collapsed_captions"].combine_chunks()
+    flat = pc.list_flatten(lists)
+    if not len(flat):
+        return pa.nulls(table.num_rows, list_type)
+    parent = pc.list_parent_indices(lists).to_numpy()
+    ok = (_caption_codes(pa.chunked_array([flat]), cfg) == 0) & usable[parent]
+    counts = np.bincount(parent[ok], minlength=table.num_rows)
+    offsets = pa.array(np.r_[0, np.cumsum(counts)].astype(np.int32))
+    return pa.ListArray.from_arrays(offsets, flat.filter(pa.array(ok)), mask=pa.array(counts == 0)).cast(list_type)
 
 
 def _codes(table: pa.Table, cfg: FilterConfig, threads: int | None) -> tuple[np.ndarray, np.ndarray]:

@@ -11,7 +11,7 @@ from plantmix.curate.dedup import PAIR_SCHEMA, near_pair_proposals
 from plantmix.curate.filters import filter_proposals
 from plantmix.curate.split import read_held_out
 
-DECIDE_VERSION = 1
+DECIDE_VERSION = 2  # 2: collapsed captions join the kept row's captions
 
 
 def _joined(ctx):
@@ -20,11 +20,11 @@ def _joined(ctx):
 
 def filter_stage(ctx) -> Stage:
     cfg = ctx.recipe.filters
-    columns = ["uid", "keep", "width", "height", "original_width", "original_height", "caption"]
+    columns = ["uid", "keep", "width", "height", "original_width", "original_height", "caption", "collapsed_captions"]
     return Stage(
         "filter", "image and caption rules", ctx.path("proposals", "filters.parquet"),
         lambda: filter_proposals(pq.read_table(_joined(ctx), columns=columns), cfg),
-        inputs=lambda: [_joined(ctx)], params={"cfg": cfg.model_dump()},
+        inputs=lambda: [_joined(ctx)], params={"cfg": cfg.model_dump()}, version=2,  # 2: collapsed captions checked
         count=lambda: _proposal_count(ctx.path("proposals", "filters.parquet")),
     )  # fmt: skip
 

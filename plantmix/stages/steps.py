@@ -47,7 +47,7 @@ def ingest_stage(ctx) -> Stage:
         "ingest", "read every source into candidates.parquet", out, run, inputs=lambda: _source_inputs(ctx),
         params={"sources": [s.model_dump(mode="json") for s in recipe.sources], "seed": recipe.seed,
                 "schemes": recipe.download.allowed_schemes},
-        version=2,  # 2: columnar ingest (csv values read as text)
+        version=3,  # 2: columnar ingest (csv values read as text); 3: namespaced uids, collapsed captions, max_rows counted
     )  # fmt: skip
 
 
