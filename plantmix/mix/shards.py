@@ -23,7 +23,6 @@ import platform
 import re
 import tarfile
 from collections.abc import Iterator
-from concurrent.futures import ProcessPoolExecutor
 from importlib import metadata
 from pathlib import Path
 
@@ -35,6 +34,7 @@ import webdataset as wds
 
 from plantmix.core.errors import PlantmixError
 from plantmix.core.members import IMAGE_EXTS, split_member
+from plantmix.core.pools import worker_pool
 from plantmix.core.schema import CAPTION_TEMPLATES, TAXON_RANKS
 from plantmix.core.stage import atomic_path, atomic_write_text, fingerprint, is_done, mark_done, write_parquet
 
@@ -136,7 +136,7 @@ def _map(fn, items, workers: int):
         yield from map(fn, items)
         return
     items = iter(items)
-    with ProcessPoolExecutor(workers) as pool:
+    with worker_pool(workers) as pool:  # its workers die with the mix, even on SIGKILL
         while window := list(itertools.islice(items, 8 * workers)):
             yield from pool.map(fn, window)
 

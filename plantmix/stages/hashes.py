@@ -9,13 +9,13 @@ from __future__ import annotations
 
 import tarfile
 from collections.abc import Callable
-from concurrent.futures import ProcessPoolExecutor
 from pathlib import Path
 
 import pyarrow as pa
 
 from plantmix.core.errors import PlantmixError
 from plantmix.core.hashing import phash_pair_bytes
+from plantmix.core.pools import worker_pool
 from plantmix.core.members import IMAGE_EXTS, split_member
 from plantmix.core.stage import fingerprint, is_done, listing, mark_done, write_parquet
 
@@ -64,7 +64,7 @@ def hash_shards(
     if progress:
         progress(done, len(tars))
     if todo:
-        with ProcessPoolExecutor(max_workers=max(1, workers)) as pool:
+        with worker_pool(workers) as pool:  # its workers die with the build, even on SIGKILL
             for (tar, out, key), table in zip(todo, pool.map(hash_one_shard, [str(t) for t, _, _ in todo])):
                 write_parquet(table, out)
                 mark_done(out, key)
