@@ -12,13 +12,16 @@ import contextlib
 import importlib.metadata as md
 from dataclasses import dataclass
 from pathlib import Path
+from typing import get_args
 
 import pyarrow.parquet as pq
 import yaml
+from pydantic import ValidationError
 from rich.console import Console
 
 from plantmix.core.errors import PlantmixError
-from plantmix.core.recipe import Recipe
+from plantmix.core.recipe import DownloadConfig, Recipe
+from plantmix.core.recipe import _format_error as format_validation_error
 from plantmix.core.lock import directory_lock
 from plantmix.core.stage import Stage, StageResult, atomic_write_text, remove_stale_temporaries, run_stage
 from plantmix.report import funnel, funnel_table, make_console
@@ -110,10 +113,14 @@ def run_build(
         raise PlantmixError(f"--until must be one of {', '.join(STAGES)}; got '{until}'")
     console = console or make_console(stderr=True)
     if distributor:
+        allowed = get_args(DownloadConfig.model_fields["distributor"].annotation)
+        if distributor not in allowed:
+            raise PlantmixError(f"--distributor must be one of {', '.join(allowed)}; got '{distributor}'")
         recipe = recipe.model_copy(update={"download": recipe.download.model_copy(update={"distributor": distributor})})
     build_dir = Path(build_dir)
-    if build_dir.exists() and not build_dir.is_dir():
-        raise PlantmixError(f"--out {build_dir}: exists and is not a directory")
+    existing = next((p for p in (build_dir, *build_dir.parents) if p.exists()), None)
+    if existing is not None and not existing.is_dir():
+        raise PlantmixError(f"--out {build_dir}: {'exists' if existing == build_dir else f'{existing} exists'} and is not a directory")
     with directory_lock(build_dir, "plantmix build"):
         return _run_locked(recipe, build_dir, until, recipe_path, console)
 
@@ -155,7 +162,22 @@ def _say(console: Console, r: StageResult) -> None:
 
 
 def read_lock(build_dir: Path) -> dict:
+    """A build's recipe.lock.yaml, checked to be a lock file (a mapping with a `recipe` mapping)."""
     path = Path(build_dir) / "recipe.lock.yaml"
-    if not path.exists():
+    if not path.is_file():
         raise PlantmixError(f"{build_dir}: not a build directory (no recipe.lock.yaml)")
-    return yaml.safe_load(path.read_text())
+    try:
+        lock = yaml.safe_load(path.read_text())
+    except (OSError, UnicodeDecodeError, yaml.YAMLError) as e:
+        raise PlantmixError(f"{path}: cannot read the lock file: {str(e).splitlines()[0]}") from None
+    if not isinstance(lock, dict) or not isinstance(lock.get("recipe"), dict):
+        raise PlantmixError(f"{path}: not a plantmix lock file (no `recipe:` mapping)")
+    return lock
+
+
+def lock_recipe(build_dir: Path) -> Recipe:
+    """The recipe a build was made with (from its lock file), validated."""
+    try:
+        return Recipe.model_validate(read_lock(build_dir)["recipe"])
+    except ValidationError as e:
+        raise PlantmixError(format_validation_error(Path(build_dir) / "recipe.lock.yaml", e)) from None

@@ -145,15 +145,14 @@ def dedup_report(
     """Radius sweep (rows merged per radius, decisions recomputed in memory, nothing rebuilt), the
     nearest-neighbour pHash distance histogram and a contact sheet of the largest duplicate groups,
     in BUILD/reports/dedup/."""
-    from plantmix.build import read_lock
-    from plantmix.core.recipe import Recipe
+    from plantmix.build import lock_recipe
     from plantmix.curate.dedup_report import write_dedup_report
 
     try:
         radii = [int(r) for r in radius.split(",") if r.strip()]
     except ValueError:
         raise PlantmixError(f"--radius expects comma-separated integers like 4,6,8; got {radius!r}") from None
-    recipe = Recipe.model_validate(read_lock(build_dir)["recipe"])
+    recipe = lock_recipe(build_dir)
     priority = {s.name: s.priority for s in recipe.sources}
     out = write_dedup_report(build_dir, radii, recipe.dedup, priority, groups)
     import pyarrow.csv as pacsv

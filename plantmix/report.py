@@ -147,10 +147,23 @@ def save_figure(fig, path: Path) -> Path:
     return path
 
 
-def load_manifest(build_dir: Path) -> pa.Table:
+# what the funnel and the plots read of a manifest
+REPORT_COLUMNS = ("uid", "source", "domain", "input_rows", "keep", "status", "drop_reason", "caption", "width", "height",
+                  "original_width", "original_height")  # fmt: skip
+
+
+def load_manifest(build_dir: Path, required: tuple[str, ...] = REPORT_COLUMNS) -> pa.Table:
+    """A build's manifest.parquet, checked to be readable and to have the `required` columns."""
     path = Path(build_dir) / "manifest.parquet"
-    if not path.exists():
+    if not path.is_file():
         raise PlantmixError(f"{build_dir}: no manifest.parquet (run `plantmix build` first)")
+    try:
+        names = pq.read_schema(path).names
+    except (OSError, pa.ArrowInvalid) as e:
+        raise PlantmixError(f"{path}: cannot read manifest: {str(e).splitlines()[0]}") from None
+    missing = [c for c in required if c not in names]
+    if missing:
+        raise PlantmixError(f"{path}: not a plantmix manifest: missing column(s) {missing}")
     return pq.read_table(path)
 
 

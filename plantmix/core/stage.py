@@ -23,6 +23,9 @@ from typing import Any
 import pyarrow as pa
 import pyarrow.parquet as pq
 
+from plantmix.core.errors import PlantmixError
+
+
 def listing(path: Path) -> list[tuple[str, int, int]]:
     """(relative path, size, mtime_ns) of a file, or of every file below a directory, sorted.
 
@@ -184,8 +187,12 @@ def write_parquet(table: pa.Table, path: Path) -> None:
         pq.write_table(table, tmp, compression="zstd", row_group_size=256_000)
 
 
-def read_parquet(path: Path) -> pa.Table:
-    return pq.read_table(path)
+def read_parquet(path: Path, columns: list[str] | None = None) -> pa.Table:
+    """Read a build's parquet file; a missing or unreadable one (truncated, not parquet) is one error line."""
+    try:
+        return pq.read_table(path, columns=columns)
+    except (OSError, pa.ArrowInvalid) as e:
+        raise PlantmixError(f"{path}: cannot read: {str(e).splitlines()[0]}; rerun `plantmix build` to redo it") from None
 
 
 # ---- stages and their runner ------------------------------------------------------------------------
@@ -231,7 +238,7 @@ def run_stage(stage: Stage) -> StageResult:
         ran = bool(stage.run())
     else:
         key = stage_key(stage)
-        ran = not is_done(stage.output, key)
+        ran = not (is_done(stage.output, key) and _intact(stage.output))
         if ran:
             table = stage.run()
             if table is not None:
@@ -240,6 +247,17 @@ def run_stage(stage: Stage) -> StageResult:
             mark_done(stage.output, key, rows=pq.read_metadata(stage.output).num_rows)
     summary = stage.count() if stage.count else _rows_summary(stage.output)
     return StageResult(stage.name, ran, time.perf_counter() - start, summary)
+
+
+def _intact(output: Path) -> bool:
+    """Whether a finished table stage's parquet output still reads as the rows its marker recorded
+    (a truncated or replaced file makes the stage run again instead of failing the next one)."""
+    if output.suffix != ".parquet":
+        return True
+    try:
+        return pq.read_metadata(output).num_rows == json.loads(done_marker(output).read_text()).get("rows")
+    except (OSError, ValueError, pa.ArrowInvalid):
+        return False
 
 
 def _rows_summary(output: Path) -> str:

@@ -17,11 +17,11 @@ from pathlib import Path
 import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
-import pyarrow.parquet as pq
 
 from plantmix.core.errors import PlantmixError
 from plantmix.core.recipe import DedupConfig
 from plantmix.core.schema import DROP_DUPLICATE_EXACT, DROP_DUPLICATE_NEAR
+from plantmix.core.stage import read_parquet
 from plantmix.curate.decide import decide
 from plantmix.curate.dedup import MAX_RADIUS, near_pair_proposals
 from plantmix.report import save_figure
@@ -34,7 +34,7 @@ def _inputs(build_dir: Path) -> tuple[pa.Table, pa.Table]:
     for p in (joined, filters):
         if not p.is_file():
             raise PlantmixError(f"{p}: not found; run `plantmix build` (at least --until filter) first")
-    return pq.read_table(joined), pq.read_table(filters)
+    return read_parquet(joined), read_parquet(filters)
 
 
 def radius_sweep(joined: pa.Table, filters: pa.Table, radii: list[int], cfg: DedupConfig, priority: dict[str, int]) -> pa.Table:
@@ -86,7 +86,7 @@ def write_dedup_report(build_dir: Path, radii: list[int], cfg: DedupConfig, prio
     _plot_nearest(nearest_distances(joined, cfg.mirror, max(16, max(radii))), out / "nearest_distance.png", cfg.phash_radius)
     manifest = build_dir / "manifest.parquet"
     if manifest.is_file():
-        contact_sheet(build_dir, pq.read_table(manifest), out / "groups.png", groups)
+        contact_sheet(build_dir, read_parquet(manifest), out / "groups.png", groups)
     return out
 
 

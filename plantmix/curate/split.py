@@ -80,7 +80,11 @@ def split_build(build_dir: Path, by: Literal["species", "image"], fraction: floa
 
 
 def _split_locked(build_dir: Path, manifest_path: Path, by, fraction: float, seed: int, out_dir: Path, name: str) -> dict:
-    manifest = pq.read_table(manifest_path)
+    from plantmix.build import lock_recipe
+    from plantmix.report import REPORT_COLUMNS, load_manifest
+
+    lock_recipe(build_dir)  # the re-decision needs the build's recipe: refuse before writing anything
+    manifest = load_manifest(build_dir, (*REPORT_COLUMNS, "dup_of", "taxon_species", "common_name", "shard", "key"))
     heads = choose_held_out(manifest, by, fraction, seed)
     members = manifest.filter(pc.is_in(manifest["dup_of"], value_set=heads["uid"].combine_chunks())).column("uid")
     proposal = pa.table(
@@ -133,12 +137,11 @@ def read_held_out(held_dir: Path) -> pa.Table | None:
 
 def redecide(build_dir: Path) -> None:
     """Rerun the decide and report stages of a build (its recipe from recipe.lock.yaml)."""
-    from plantmix.build import BuildContext, build_stages, read_lock
-    from plantmix.core.recipe import Recipe
+    from plantmix.build import BuildContext, build_stages, lock_recipe
     from plantmix.core.stage import run_stage
     from plantmix.report import make_console
 
-    recipe = Recipe.model_validate(read_lock(build_dir)["recipe"])
+    recipe = lock_recipe(build_dir)
     with contextlib.ExitStack() as stack:
         ctx = BuildContext(recipe, Path(build_dir), Path(build_dir), None, make_console(stderr=True), stack)
         for stage in build_stages(ctx):

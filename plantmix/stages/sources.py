@@ -40,24 +40,58 @@ def url_list_batches(
     """
     fmt = file_format or _infer_format(path, source)
     try:
-        names, batches = _open_url_list(path, fmt, batch_rows)
-        mapping = _column_mapping(names, columns, path, source)
-        for batch in batches(list(mapping.values())):
-            yield pa.RecordBatch.from_arrays(
-                [c if c.type == pa.string() else c.cast(pa.string()) for c in batch.select(list(mapping.values())).columns],
-                names=["source_key" if ours == "key" else ours for ours in mapping],
-            )
+        schema, batches = _open_url_list(path, fmt, batch_rows)
+        mapping = _column_mapping(schema.names, columns, path, source)
+        _check_text_columns(schema, mapping, path, source)
+        rows = 0
+        wanted = list(dict.fromkeys(mapping.values()))  # one file column may feed two of ours (url and key)
+        for batch in batches(wanted):
+            text = {name: _as_text(batch.column(name)) for name in wanted}
+            if fmt not in ("csv", "tsv"):  # Arrow's csv reader checks UTF-8 itself; parquet and json readers do not
+                _check_utf8(text, rows, path, source)
+            rows += batch.num_rows
+            yield pa.RecordBatch.from_arrays([text[theirs] for theirs in mapping.values()],
+                                             names=["source_key" if ours == "key" else ours for ours in mapping])  # fmt: skip
     except FileNotFoundError:
         raise PlantmixError(f"source '{source}': file not found: {path}") from None
+    except PermissionError:
+        raise PlantmixError(f"source '{source}': no permission to read {path}") from None
     except (pa.ArrowInvalid, OSError, UnicodeDecodeError) as e:
-        raise PlantmixError(f"source '{source}': cannot read {path} as {fmt}: {str(e).splitlines()[0]}") from None
+        hint = "; the file must be UTF-8 (re-encode it, e.g. with iconv)" if "utf" in str(e).lower() else ""
+        raise PlantmixError(f"source '{source}': cannot read {path} as {fmt}: {str(e).splitlines()[0]}{hint}") from None
+
+
+def _as_text(column: pa.Array) -> pa.Array:
+    return column if column.type == pa.string() else column.cast(pa.string())
+
+
+def _check_text_columns(schema: pa.Schema, mapping: dict[str, str], path: Path, source: str) -> None:
+    """Every mapped column must hold scalar values that read as text (lists, structs and maps do not)."""
+    for ours, theirs in mapping.items():
+        t = schema.field(theirs).type
+        value = t.value_type if pa.types.is_dictionary(t) else t
+        if pa.types.is_nested(value):
+            raise PlantmixError(
+                f"source '{source}': column '{theirs}' of {path} (our {ours}) holds {t} values; it must hold one "
+                "text value per row (a string, or a number)"
+            )
+
+
+def _check_utf8(columns: dict[str, pa.Array], first_row: int, path: Path, source: str) -> None:
+    for name, column in columns.items():
+        try:
+            column.validate(full=True)
+        except pa.ArrowInvalid as e:
+            at = re.search(r"string index (\d+)", str(e))
+            row = f" (row {first_row + int(at.group(1))})" if at else ""
+            raise PlantmixError(f"source '{source}': column '{name}' of {path} holds bytes that are not UTF-8{row}") from None
 
 
 def _open_url_list(path: Path, fmt: str, batch_rows: int):
-    """(column names, a function from wanted columns to an iterator of record batches)."""
+    """(the file's schema, a function from wanted columns to an iterator of record batches)."""
     if fmt == "parquet":
         pf = pq.ParquetFile(path)
-        return pf.schema_arrow.names, lambda wanted: pf.iter_batches(batch_size=batch_rows, columns=wanted)
+        return pf.schema_arrow, lambda wanted: pf.iter_batches(batch_size=batch_rows, columns=wanted)
     if fmt in ("csv", "tsv"):
         parse = pacsv.ParseOptions(delimiter="\t" if fmt == "tsv" else ",", newlines_in_values=True)
         names = pacsv.open_csv(path, parse_options=parse).schema.names
@@ -69,9 +103,9 @@ def _open_url_list(path: Path, fmt: str, batch_rows: int):
             yield from pacsv.open_csv(path, parse_options=parse, convert_options=convert,
                                       read_options=pacsv.ReadOptions(block_size=1 << 24))
 
-        return names, batches
+        return pa.schema([pa.field(n, pa.string()) for n in names]), batches
     table = pajson.read_json(path)
-    return table.column_names, lambda wanted: table.select(wanted).to_batches(batch_rows)
+    return table.schema, lambda wanted: table.select(wanted).to_batches(batch_rows)
 
 
 def _column_mapping(names: list[str], columns: dict[str, str], path: Path, source: str) -> dict[str, str]:
@@ -85,7 +119,11 @@ def _column_mapping(names: list[str], columns: dict[str, str], path: Path, sourc
     missing = [theirs for theirs in columns.values() if theirs not in names]
     if missing:
         raise PlantmixError(f"source '{source}': {path} lacks mapped column(s) {missing} (columns: {', '.join(names)})")
-    return {ours: theirs for ours, theirs in mapping.items() if theirs in names}
+    found = {ours: theirs for ours, theirs in mapping.items() if theirs in names}
+    repeated = sorted({theirs for theirs in found.values() if names.count(theirs) > 1})
+    if repeated:
+        raise PlantmixError(f"source '{source}': {path} has more than one column named {', '.join(map(repr, repeated))}")
+    return found
 
 
 def _infer_format(path: Path, source: str) -> str:
@@ -104,7 +142,7 @@ def _load_taxonomy(path: Path | None, source: str) -> dict[str, dict[str, str]]:
         return {}
     try:
         table = pacsv.read_csv(path).to_pylist()
-    except (FileNotFoundError, pa.ArrowInvalid) as e:
+    except (OSError, pa.ArrowInvalid) as e:  # missing, a directory, unreadable, not csv
         raise PlantmixError(f"source '{source}': cannot read taxonomy table {path}: {str(e).splitlines()[0]}") from None
     if table and "folder" not in table[0]:
         raise PlantmixError(f"source '{source}': taxonomy table {path} needs a 'folder' column")
@@ -201,7 +239,9 @@ def read_webdataset(pattern: str, source: str, extract_dir: Path) -> pa.Table:
                     data = tar.extractfile(m)
                     samples[key][ext.lower()] = data.read() if data else b""
         except (tarfile.TarError, OSError, EOFError) as e:
-            raise PlantmixError(f"source '{source}': cannot read webdataset shard {shard}: {e}") from None
+            # tarfile lists one line per compression it tried: say what they mean in one
+            why = "not a tar file (plain, gz, bz2 or xz)" if "could not be opened" in str(e) else str(e).splitlines()[0]
+            raise PlantmixError(f"source '{source}': cannot read webdataset shard {shard}: {why}") from None
         for i, key in enumerate(order):
             parts = samples[key]
             img_ext = next((e for e in ("jpg", "jpeg", "png", "webp") if e in parts), None)

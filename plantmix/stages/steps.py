@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 import pyarrow.compute as pc
@@ -27,12 +28,22 @@ def _source_inputs(ctx) -> list[Path]:
 
             paths.extend(expand_shards(p, s.name))
         else:
-            if not Path(p).exists():
-                raise PlantmixError(f"source '{s.name}': path not found: {p}")
-            paths.append(Path(p))
+            paths.append(_readable(Path(p), s.name, "path", directory=s.format != "url_list"))
         if s.taxonomy:
-            paths.append(taxonomy_path(s, ctx.base_dir, ctx.demo_dir))
+            paths.append(_readable(taxonomy_path(s, ctx.base_dir, ctx.demo_dir), s.name, "taxonomy table", directory=False))
     return paths
+
+
+def _readable(path: Path, source: str, what: str, directory: bool) -> Path:
+    """`path`, checked to be what the source reads (a file, or a folder) and readable: the ingest
+    fingerprint reads it before any reader would say so."""
+    if not path.exists():
+        raise PlantmixError(f"source '{source}': {what} not found: {path}")
+    if path.is_dir() != directory:
+        raise PlantmixError(f"source '{source}': {what} {path} is {'not ' if directory else ''}a directory")
+    if not os.access(path, os.R_OK | (os.X_OK if directory else 0)):
+        raise PlantmixError(f"source '{source}': no permission to read {what} {path}")
+    return path
 
 
 def ingest_stage(ctx) -> Stage:
