@@ -225,10 +225,9 @@ def write_stats(build_dir: Path, console: Console | None = None) -> pa.Table:
 
 
 def _priorities(build_dir: Path) -> dict[str, int]:
-    import yaml
+    """Source priorities from the build's lock file (none without one)."""
+    from plantmix.build import lock_recipe
 
-    lock = Path(build_dir) / "recipe.lock.yaml"
-    if not lock.exists():
+    if not (Path(build_dir) / "recipe.lock.yaml").exists():
         return {}
-    recipe = yaml.safe_load(lock.read_text()).get("recipe", {})
-    return {s["name"]: s.get("priority", 1) for s in recipe.get("sources", [])}
+    return {s.name: s.priority for s in lock_recipe(build_dir).sources}
