@@ -13,6 +13,7 @@ from rich.table import Table
 
 from plantmix.core.errors import PlantmixError
 from plantmix.core.schema import DROP_DOWNLOAD_FAILED, DROP_OVER_MAX_ROWS
+from plantmix.core.stage import require_columns
 
 COLLAPSED = "duplicate_uid_collapsed"
 
@@ -157,13 +158,7 @@ def load_manifest(build_dir: Path, required: tuple[str, ...] = REPORT_COLUMNS) -
     path = Path(build_dir) / "manifest.parquet"
     if not path.is_file():
         raise PlantmixError(f"{build_dir}: no manifest.parquet (run `plantmix build` first)")
-    try:
-        names = pq.read_schema(path).names
-    except (OSError, pa.ArrowInvalid) as e:
-        raise PlantmixError(f"{path}: cannot read manifest: {str(e).splitlines()[0]}") from None
-    missing = [c for c in required if c not in names]
-    if missing:
-        raise PlantmixError(f"{path}: not a plantmix manifest: missing column(s) {missing}")
+    require_columns(path, required)
     return pq.read_table(path)
 
 

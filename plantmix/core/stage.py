@@ -187,6 +187,18 @@ def write_parquet(table: pa.Table, path: Path) -> None:
         pq.write_table(table, tmp, compression="zstd", row_group_size=256_000)
 
 
+def require_columns(path: Path, required: list[str] | tuple[str, ...], what: str = "manifest") -> list[str]:
+    """The column names of a parquet file, checked to be readable and to include `required`."""
+    try:
+        names = pq.read_schema(path).names
+    except (OSError, pa.ArrowInvalid) as e:
+        raise PlantmixError(f"{path}: cannot read {what}: {str(e).splitlines()[0]}") from None
+    missing = [c for c in required if c not in names]
+    if missing:
+        raise PlantmixError(f"{path}: missing column(s) {missing}")
+    return names
+
+
 def read_parquet(path: Path, columns: list[str] | None = None) -> pa.Table:
     """Read a build's parquet file; a missing or unreadable one (truncated, not parquet) is one error line."""
     try:

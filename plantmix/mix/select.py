@@ -26,7 +26,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_valida
 from plantmix.core.text import string_buffers
 from plantmix.core.errors import PlantmixError, ShortfallError
 from plantmix.core.schema import DOMAINS
-from plantmix.core.stage import atomic_path, fingerprint, is_done, mark_done
+from plantmix.core.stage import atomic_path, fingerprint, is_done, mark_done, require_columns
 
 # ---- stable hashing ---------------------------------------------------------------------------
 
@@ -175,13 +175,7 @@ def _codes(column: pa.ChunkedArray) -> tuple[np.ndarray, list]:
 def read_selection_columns(manifest: Path, spec: MixSpec) -> pa.Table:
     taxa = [f"taxon_{rank}" for rank, _ in spec.caps()]
     wanted = ["uid", "domain", "source", "keep", *taxa]
-    try:
-        names = pq.read_schema(manifest).names
-    except (OSError, pa.ArrowInvalid) as e:
-        raise PlantmixError(f"{manifest}: cannot read manifest: {e}") from None
-    missing = [c for c in wanted if c not in names]
-    if missing:
-        raise PlantmixError(f"{manifest}: missing column(s) {missing}")
+    require_columns(manifest, wanted)
     return pq.read_table(manifest, columns=wanted, read_dictionary=["domain", "source", *taxa])
 
 
