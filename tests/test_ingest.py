@@ -1,3 +1,4 @@
+import hashlib
 import io
 import json
 import sys
@@ -286,3 +287,16 @@ def test_rows_past_max_rows_are_counted(tmp_path):
     assert sum(x["rows"] for x in f if x["stage"] == "in") == len(ROWS)
     assert sum(x["rows"] for x in f if x["stage"] not in ("in", "flag")) == len(ROWS)
     assert {"source": "s", "domain": "plant", "stage": "ingest", "reason": "over_max_rows", "rows": 2} in f
+
+
+def test_held_out_rows_of_other_uids_are_refused(tmp_path):
+    """A split made before a change of uids must not silently stop excluding its evaluation images."""
+    from plantmix.curate.split import HELD_OUT_SCHEMA, check_held_out
+
+    uids = pa.chunked_array([pa.array([make_uid("s", url="http://x.example/1.jpg")])])
+    held = pa.table([uids, pa.array(["sp"]), pa.array(["held_out"])], schema=HELD_OUT_SCHEMA)
+    check_held_out(held, uids, tmp_path)
+    check_held_out(None, uids, tmp_path)
+    old = held.set_column(0, "uid", pa.array([hashlib.sha256(b"s\x00http://x.example/1.jpg").hexdigest()[:32]]))
+    with pytest.raises(PlantmixError, match=r"1 held-out row\(s\) are not rows of this build"):
+        check_held_out(old, uids, tmp_path)

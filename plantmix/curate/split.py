@@ -135,6 +135,19 @@ def read_held_out(held_dir: Path) -> pa.Table | None:
     return pa.concat_tables([pq.read_table(f) for f in files]) if files else None
 
 
+def check_held_out(held: pa.Table | None, uids: pa.ChunkedArray, held_dir: Path) -> None:
+    """Refuse held-out proposals that name rows the build no longer has: after a change of the rows'
+    uids (a newer ingest) the same images would come back unmarked and leak into the mixes."""
+    if held is None or not held.num_rows:
+        return
+    missing = held.num_rows - (pc.sum(pc.is_in(held["uid"], value_set=uids.combine_chunks())).as_py() or 0)
+    if missing:
+        raise PlantmixError(
+            f"{held_dir}: {missing:,} held-out row(s) are not rows of this build (their uids changed, e.g. by a "
+            f"newer ingest, or their source was removed); delete {held_dir} and rerun `plantmix split`"
+        )
+
+
 def redecide(build_dir: Path) -> None:
     """Rerun the decide and report stages of a build (its recipe from recipe.lock.yaml)."""
     from plantmix.build import BuildContext, build_stages, lock_recipe

@@ -9,7 +9,7 @@ from plantmix.core.stage import Stage
 from plantmix.curate.decide import decide_to_parquet
 from plantmix.curate.dedup import PAIR_SCHEMA, near_pair_proposals
 from plantmix.curate.filters import filter_proposals
-from plantmix.curate.split import read_held_out
+from plantmix.curate.split import check_held_out, read_held_out
 
 DECIDE_VERSION = 2  # 2: collapsed captions join the kept row's captions
 
@@ -62,6 +62,7 @@ def decide_stage(ctx) -> Stage:
 
     def run() -> None:
         held = read_held_out(held_dir)
+        check_held_out(held, pq.read_table(_joined(ctx), columns=["uid"])["uid"], held_dir)
         decide_to_parquet(_joined(ctx), *(pq.read_table(p) for p in proposals), recipe.dedup, priority, held, out)
 
     out = ctx.path("manifest.parquet")
