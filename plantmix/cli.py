@@ -17,6 +17,7 @@ app = typer.Typer(
     no_args_is_help=True,
     add_completion=False,
     pretty_exceptions_enable=False,
+    rich_markup_mode=None,  # plain help: rich markup would eat every "[default: ...]" of our help texts
 )
 console = Console(stderr=True)
 
@@ -75,10 +76,15 @@ def mix(
     caption_field: str = typer.Option("caption", "--caption-field", help="Manifest column written as <key>.txt."),
     workers: int = typer.Option(1, "--workers", help="Processes for indexing and shard writing."),
     max_epochs: Optional[float] = typer.Option(
-        None, "--max-epochs", help="Ratio grids: most passes over a domain's pool with --allow-repeat (default: 15)."
+        None, "--max-epochs", help="Ratio grids: most passes over a domain's pool with --allow-repeat [default: 15]."
+    ),
+    force: bool = typer.Option(
+        False, "--force", help="Replace an existing mix of this name made with other options or from an older build manifest."
     ),
 ) -> None:
-    """Select a plant/general mix (hash-ordered, nested across sizes) and write shuffled webdataset shards."""
+    """Select a plant/general mix (hash-ordered, nested across sizes) and write shuffled webdataset shards.
+
+    Rerunning a finished mix checks it first and redoes only what is missing or damaged."""
     from plantmix.mix.spec import make_spec
     from plantmix.mix.run import run_mix
 
@@ -86,7 +92,7 @@ def mix(
         _mix_grid(build_dir, ratio, total, name, max_epochs, workers, seed=seed,
                   per_taxon_cap=per_taxon_cap, per_genus_cap=per_genus_cap, per_family_cap=per_family_cap,
                   source_weights=source_weight, allow_repeat=allow_repeat, shard_size=shard_size,
-                  caption_field=caption_field, plant=plant, general=general)  # fmt: skip
+                  caption_field=caption_field, plant=plant, general=general, force=force)  # fmt: skip
         return
     if ratio is not None:
         from plantmix.mix.grid import parse_ratios
@@ -98,7 +104,7 @@ def mix(
         source_weights=source_weight, allow_repeat=allow_repeat, shard_size=shard_size,
         caption_field=caption_field,
     )  # fmt: skip
-    out = run_mix(build_dir, spec, workers=workers)
+    out = run_mix(build_dir, spec, workers=workers, force=force, console=console)
     console.print(f"[green]✓[/] mix → {out}", highlight=False)
 
 
@@ -171,14 +177,22 @@ def dedup_report(
 def verify(
     shards_dir: Path = typer.Argument(..., help="A mix's shards directory (BUILD/mixes/NAME/shards)."),
     workers: int = typer.Option(1, "--workers", help="Processes reading shards."),
+    repair: bool = typer.Option(
+        False, "--repair", help="Rewrite what is missing or fails the check (shards, dataset.json, card) from the build, then check again."
+    ),
 ) -> None:
     """Re-read every shard: counts against dataset.json, every image decodes, image sha256 against
     the shard's parquet (the hash of the bytes as written to the shard, not the manifest's sha256 of
     the originally downloaded bytes, which img2dataset may have resized or re-encoded). Exits 1 on
-    any mismatch."""
+    any mismatch (after --repair: on any that remains)."""
     from plantmix.mix.verify import print_report, verify_shards
 
-    report = verify_shards(shards_dir, workers=workers)
+    if repair:
+        from plantmix.mix.run import repair_mix
+
+        report = repair_mix(shards_dir, workers=workers, console=console)
+    else:
+        report = verify_shards(shards_dir, workers=workers)
     print_report(report, Console())
     if not report.ok:
         raise typer.Exit(1)
@@ -207,6 +221,7 @@ def ablate(
 mixlaw_app = typer.Typer(
     help="Data mixing laws: fit L(r) = c + k*exp(t*r) per validation domain, suggest the plant share r*.",
     no_args_is_help=True,
+    rich_markup_mode=None,
 )
 app.add_typer(mixlaw_app, name="mixlaw")
 
