@@ -25,6 +25,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError
 from torch.utils.data import DataLoader
 
 from dalip.atomic import write_text_atomic
+from dalip.config import MAX_BATCH, MAX_WORKERS, Device, Name, StrictConfig
 from dalip.data import EvalShards, expand_shards, parse_caption_field
 from dalip.encoders import Encoder, load_encoder
 from dalip.errors import DalipError
@@ -43,23 +44,21 @@ RECALL_AT = (1, 5, 10)
 class RetrievalSpec(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
-    name: str
+    name: Name
     shards: str
     caption_field: str = "txt"
     domain: Literal["plant", "general"] = "plant"
 
 
-class EvalConfig(BaseModel):
-    model_config = ConfigDict(extra="forbid")
-
+class EvalConfig(StrictConfig):
     datasets: list[DatasetSpec] = Field(default_factory=list)
     retrieval: list[RetrievalSpec] = Field(default_factory=list)
     validation: list[ValidationSpec] = Field(default_factory=list)  # per-domain held-out loss
     loss_batch_size: int = Field(LOSS_BATCH_SIZE, ge=2, description="pairs per fixed validation-loss batch")
     alpha: float = Field(0.5, ge=0, le=1)
-    batch_size: int = Field(64, ge=1)
-    workers: int = Field(0, ge=0)
-    device: str = "auto"
+    batch_size: int = Field(64, ge=1, le=MAX_BATCH)
+    workers: int = Field(0, ge=0, le=MAX_WORKERS)
+    device: Device = "auto"
 
 
 def parse_spec(text: str, model: type[BaseModel]) -> BaseModel:

@@ -33,6 +33,7 @@ from torch.utils.data import DataLoader, Dataset
 
 from dalip.data import EvalShards, expand_shards, parse_caption_field
 from dalip.encoders import Encoder, fingerprint_of
+from dalip.config import Name
 from dalip.errors import DalipError
 from dalip.templates import default_templates, get_templates
 
@@ -47,7 +48,7 @@ IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".webp", ".bmp", ".gif", ".tif", ".ti
 class DatasetSpec(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
-    name: str
+    name: Name  # names output files (confusion_<name>.png)
     path: str = Field(..., description="ImageFolder or CLIP_benchmark directory, shard spec, or csv file")
     kind: Optional[Literal["imagefolder", "shards", "clip_benchmark", "csv"]] = None  # default: guessed
     domain: Literal["plant", "general"] = "plant"

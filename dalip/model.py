@@ -19,12 +19,13 @@ from open_clip.transformer import TextTransformer, VisionTransformer
 from torch import nn
 
 from dalip import DalipError
+from dalip.config import MBDCOptions
 from dalip.mbdc import MBDC
 
 MODEL_CONFIG_DIR = Path(__file__).parent / "model_configs"
 open_clip.add_model_config(MODEL_CONFIG_DIR)
 
-MBDC_OPTIONS = ("heads", "reduce_dim", "dropout", "learnable_temperature", "hidden_linear")
+MBDC_OPTIONS = tuple(MBDCOptions.model_fields)
 PRECISIONS = ("fp32", "amp", "amp_bf16", "amp_bfloat16", "bf16", "fp16", "pure_bf16", "pure_fp16")
 CONFIG_KEYS = ("embed_dim", "vision_cfg", "text_cfg")
 

@@ -16,6 +16,7 @@ import torch
 from pydantic import BaseModel, ConfigDict, Field
 from torch.utils.data import DataLoader
 
+from dalip.config import Name
 from dalip.data import EvalShards, decode_caption, decode_image, expand_shards, parse_caption_field, read_shard
 from dalip.errors import DalipError
 from dalip.loss import DALIPLoss
@@ -31,7 +32,7 @@ class ValidationSpec(BaseModel):
 
     model_config = ConfigDict(extra="forbid")
 
-    name: str
+    name: Name
     shards: str
     domain: Literal["plant", "general"]
     caption_field: str = Field("txt", description="txt or a .json key; comma = fallbacks")
