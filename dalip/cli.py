@@ -13,7 +13,8 @@ from pydantic import BaseModel
 from rich.console import Console
 
 from dalip import DalipError
-from dalip.config import MBDCOptions, TrainConfig
+from dalip.config import MBDCOptions, TrainConfig, plain_name
+from dalip.errors import first_line
 
 app = typer.Typer(
     name="dalip",
@@ -142,7 +143,9 @@ def eval_(
         cfg = EvalConfig(**values)
     except ValidationError as e:
         first = e.errors()[0]
-        raise DalipError(f"{config or 'eval options'}: {'.'.join(map(str, first['loc']))}: {first['msg']}") from None
+        raise DalipError(f"{config or 'eval options'}: {'.'.join(map(str, first['loc']))}: {first['msg'].removeprefix('Value error, ')}") from None
+    if label is not None:
+        plain_name(label, "--label")
     for path in imagefolder:
         cfg.datasets.append(DatasetSpec(name=Path(path.rstrip("/")).name, path=path, kind="imagefolder", domain=domain))
     cfg.datasets += [parse_spec(s, DatasetSpec) for s in dataset]
@@ -221,7 +224,7 @@ def _one_line(err: DalipError) -> str:
     msg = str(err).strip()
     if "Original Traceback" in msg:
         msg = msg.splitlines()[-1].split(": ", 1)[-1]
-    return msg.splitlines()[0] if msg else type(err).__name__
+    return first_line(DalipError(msg)) if msg else type(err).__name__
 
 
 def main() -> None:

@@ -8,18 +8,41 @@ repeated keys.
 
 from __future__ import annotations
 
+import re
 from pathlib import Path
 from typing import Annotated, Any, Literal, Optional
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic import AfterValidator, BaseModel, ConfigDict, Field, ValidationError, model_validator
 
 from dalip.errors import DalipError
 
-NAME_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9_.-]*$"  # a plain file name: no '/', never '.' or '..'
-Name = Annotated[str, Field(pattern=NAME_PATTERN, max_length=200)]
-DEVICE_PATTERN = r"^(auto|cpu|mps|cuda(:\d{1,3})?)$"
-Device = Annotated[str, Field(pattern=DEVICE_PATTERN, description="auto (cuda if available), cpu, cuda, cuda:N, mps")]
+NAME_PATTERN = r"[A-Za-z0-9][A-Za-z0-9_.-]{0,199}"  # a plain file name: no '/', never '.' or '..'
+DEVICE_PATTERN = r"auto|cpu|mps|cuda(:\d{1,3})?"
+
+
+def _name(value: str) -> str:
+    if not re.fullmatch(NAME_PATTERN, value):
+        raise ValueError("must be a plain name: letters, digits, '_', '.', '-', starting with a letter or digit (no '/')")
+    return value
+
+
+def _device(value: str) -> str:
+    if not re.fullmatch(DEVICE_PATTERN, value):
+        raise ValueError("must be auto, cpu, cuda, cuda:N or mps")
+    return value
+
+
+def plain_name(value: str, what: str) -> str:
+    """`value` if it is a plain name (see Name), else a one-line DalipError naming `what`."""
+    try:
+        return _name(value)
+    except ValueError as e:
+        raise DalipError(f"{what}: {e} (got {value!r})") from None
+
+
+Name = Annotated[str, AfterValidator(_name)]  # names files and directories: a run, a dataset, a label
+Device = Annotated[str, AfterValidator(_device), Field(description="auto (cuda if available), cpu, cuda, cuda:N, mps")]
 MAX_SEED = 2**63  # what torch.manual_seed accepts
 # Upper bounds on counts: far above any real use, low enough that a typo cannot exhaust the machine.
 MAX_BATCH, MAX_WORKERS, MAX_STEPS, MAX_SLOTS = 1 << 20, 256, 10**12, 1 << 16

@@ -76,7 +76,8 @@ def parse_spec(text: str, model: type[BaseModel]) -> BaseModel:
         return model(**values)
     except ValidationError as e:
         first = e.errors()[0]
-        raise DalipError(f"--{'dataset' if model is DatasetSpec else 'retrieval' if model is RetrievalSpec else 'validation'} {text!r}: {'.'.join(map(str, first['loc']))}: {first['msg']}") from None
+        flag = "dataset" if model is DatasetSpec else "retrieval" if model is RetrievalSpec else "validation"
+        raise DalipError(f"--{flag} {text!r}: {'.'.join(map(str, first['loc']))}: {first['msg'].removeprefix('Value error, ')}") from None
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -133,6 +134,9 @@ def zero_shot(encoder: Encoder, spec: DatasetSpec, cfg: EvalConfig, device) -> d
     scores = similarities(data.z1, data.z2, w1, w2, cfg.alpha)
     ks = (1, 5) if data.num_classes > 5 else (1,)
     result: dict[str, Any] = {**describe(data), "chance": 1 / data.num_classes, "classes": data.classes}
+    if data.num_classes == 1:  # argmax over one class is always right: the score says nothing
+        result["warning"] = f"dataset {spec.name} has one class: top-1 is 100 % by construction (chance 100 %)"
+        log.warning("warning: %s", result["warning"])
     result.update({kind: topk_accuracy(s, data.labels, ks) for kind, s in scores.items()})
     result["per_class"] = {kind: per_class_accuracy(s, data.labels, data.classes) for kind, s in scores.items()}
     main = main_score(scores)
@@ -144,7 +148,7 @@ def zero_shot(encoder: Encoder, spec: DatasetSpec, cfg: EvalConfig, device) -> d
 def retrieval(encoder: Encoder, spec: RetrievalSpec, cfg: EvalConfig, device) -> dict[str, Any]:
     urls = [u for source in expand_shards(spec.shards) for u in source]
     dataset = EvalShards(urls, encoder.preprocess, parse_caption_field(spec.caption_field))
-    i1, i2, captions, _ = image_embeddings(encoder, _loader(dataset, cfg), device)
+    i1, i2, captions, _ = image_embeddings(encoder, _loader(dataset, cfg), device, f"retrieval {spec.name} ({spec.shards})")
     t1s, t2s = [], []
     for i in range(0, len(captions), cfg.batch_size):
         z1, z2 = encoder.encode_text(encoder.tokenizer(captions[i : i + cfg.batch_size]).to(device))
