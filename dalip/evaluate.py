@@ -293,6 +293,14 @@ def results_dir_name(results: dict[str, Any]) -> str:
     return f"model_{results['model_fingerprint'][:12]}"
 
 
+def _fingerprint_in(folder: Path) -> str | None:
+    """The model fingerprint of the results kept in `folder` (None when there are none)."""
+    try:
+        return json.loads((folder / "results.json").read_text()).get("model_fingerprint")
+    except (OSError, ValueError, AttributeError):
+        return None
+
+
 def plot_confusion(result: dict[str, Any], name: str, path: Path) -> None:
     import matplotlib
 
@@ -323,8 +331,12 @@ def write_results(results: dict[str, Any], out_dir: Path) -> tuple[Path, Path]:
     checkpoint); results.json and results.md in out_dir are copies of the latest. Returns the kept pair."""
     out_dir = Path(out_dir)
     kept = out_dir / results_dir_name(results)
+    if _fingerprint_in(kept) not in (None, results["model_fingerprint"]):  # the same step of another run
+        kept = kept.with_name(f"{kept.name}-{results['model_fingerprint'][:12]}")
     kept.mkdir(parents=True, exist_ok=True)
-    text, table = json.dumps(_finite_or_null(results), indent=1), markdown_table([results]) + validation_markdown(results)
+    warnings = "".join(f"\n> warning: {z['warning']}\n" for z in results["zero_shot"].values() if z.get("warning"))
+    text = json.dumps(_finite_or_null(results), indent=1)
+    table = markdown_table([results]) + warnings + validation_markdown(results)
     for folder in (kept, out_dir):
         write_text_atomic(folder / "results.json", text)
         write_text_atomic(folder / "results.md", table)

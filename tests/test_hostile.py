@@ -178,7 +178,7 @@ def test_eval_results_are_kept_per_checkpoint_and_checkpoints_record_the_mix(wor
 # ---- two trainings on one run -------------------------------------------------------------------
 
 
-def _train_cmd(w: Path, name: str, steps: int = 12) -> list[str]:
+def _train_cmd(w: Path, name: str, steps: int = 6) -> list[str]:
     return [DALIP, "train", "--train-data", str(w / "mix"), "--runs-dir", str(w / "runs"), "--name", name,
             "--batch-size", "8", "--steps", str(steps), "--workers", "0", "--deterministic", "--no-progress",
             "--save-every", "100", "--log-every", "100"]  # fmt: skip
@@ -205,10 +205,10 @@ def test_two_trainings_on_one_run_the_second_refuses(world):
 
     solo = subprocess.run(_train_cmd(world, "solo"), capture_output=True, text=True, timeout=600, env=env)
     assert solo.returncode == 0, solo.stderr
-    weights = [safetensors.torch.load_file(world / "runs" / n / "checkpoints" / "step_00000012" / "model.safetensors") for n in ("twice", "solo")]
+    weights = [safetensors.torch.load_file(world / "runs" / n / "checkpoints" / "step_00000006" / "model.safetensors") for n in ("twice", "solo")]
     assert weights[0].keys() == weights[1].keys() and all(torch.equal(weights[0][k], weights[1][k]) for k in weights[0])
     logs = [(world / "runs" / n / "logs" / "train.csv").read_text().splitlines() for n in ("twice", "solo")]
-    assert len(logs[0]) == len(logs[1]) == 13  # header + one row per step: the refused run wrote nothing
+    assert len(logs[0]) == len(logs[1]) == 7  # header + one row per step: the refused run wrote nothing
 
 
 # ---- recipes and help texts ---------------------------------------------------------------------
@@ -262,3 +262,20 @@ def test_every_option_has_help_and_its_default(monkeypatch, capsys):
     assert "--lr <float> peak learning rate (AdamW) [default: 0.0005]." in text
     mix = " ".join(CliRunner().invoke(dict(_commands(plantmix.cli.app))["mix"], ["--help"], terminal_width=1000).output.split())
     assert "Mix name [default: from ratio/total/seed]." in mix and "Samples per output shard. [default: 10000]" in mix
+
+
+def test_two_runs_evaluated_into_one_folder_keep_both(world, monkeypatch, capsys):
+    other = world / "runs" / "other"
+    if not other.exists():  # the same step of another run: other weights
+        shutil.copytree(world / "runs" / "m", other)
+        weights = other / "checkpoints" / "step_00000001" / "model.safetensors"
+        tensors = safetensors.torch.load_file(weights)
+        tensors["base.logit_scale"] = tensors["base.logit_scale"] + 1
+        safetensors.torch.save_file(tensors, weights)
+    out = world / "shared_eval"
+    for run in ("m", "other"):
+        assert dalip(["eval", str(world / "runs" / run), "--imagefolder", str(world / "folder"), "--out", str(out)], monkeypatch, capsys)[0] == 0
+    kept = sorted(p.name for p in out.iterdir() if p.is_dir())
+    assert len(kept) == 2 and kept[0] == "step_00000001" and kept[1].startswith("step_00000001-")
+    fingerprints = {json.loads((out / k / "results.json").read_text())["model_fingerprint"] for k in kept}
+    assert len(fingerprints) == 2
