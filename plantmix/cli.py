@@ -201,7 +201,7 @@ def verify(
 @app.command()
 def ablate(
     recipe: Path = typer.Argument(..., help="A recipe with an `ablation:` section, or an ablation-only YAML."),
-    build_dir: Optional[Path] = typer.Option(None, "--build", help="Build directory (default: ablation.build, else builds/<recipe name>)."),
+    build_dir: Optional[Path] = typer.Option(None, "--build", help="Build directory [default: ablation.build, else builds/<recipe name>]."),
     dry_run: bool = typer.Option(False, "--dry-run", help="Print the plan (runs, samples seen, GPU-hours); touch nothing."),
 ) -> None:
     """Mixing-law ablation: ratio grid → mixes → proxy dalip runs → per-domain eval → fit → suggest →
@@ -230,9 +230,9 @@ app.add_typer(mixlaw_app, name="mixlaw")
 def mixlaw_fit(
     points: Path = typer.Argument(..., help="csv/parquet with columns ratio, domain, loss (optional: seed, step, metric)."),
     out: Path = typer.Option(..., "--out", "-o", help="Output directory for mixlaw.json and mixlaw.png."),
-    metric: Optional[str] = typer.Option(None, "--metric", help="Metric to fit when the points hold several (default: combined)."),
+    metric: Optional[str] = typer.Option(None, "--metric", help="Metric to fit when the points hold several [default: combined]."),
     target_step: Optional[int] = typer.Option(
-        None, "--target-step", help="Fit a step law per ratio and the mixing law on its predictions at this step (default: off, the last step of each run)."
+        None, "--target-step", help="Fit a step law per ratio and the mixing law on its predictions at this step [default: off, the last step of each run]."
     ),
 ) -> None:
     """Fit the mixing law per domain (two-stage and joint fits, the better on held-out ratios)."""
@@ -254,10 +254,10 @@ def mixlaw_suggest(
     ),
     reference_ratio: Optional[float] = typer.Option(None, "--reference-ratio", help="Reference: the law's general loss at this r."),
     reference_loss: Optional[float] = typer.Option(None, "--reference-loss", help="Reference: this general loss (e.g. the starting checkpoint's)."),
-    plant_pool: Optional[int] = typer.Option(None, "--plant-pool", help="Kept plant rows available (default: from mixlaw.json)."),
-    target_total: Optional[int] = typer.Option(None, "--target-total", help="Samples of the target mix (default: from mixlaw.json)."),
-    max_epochs: Optional[float] = typer.Option(None, "--max-epochs", help="Most passes over the plant pool (default: 15)."),
-    out: Optional[Path] = typer.Option(None, "--out", "-o", help="Output file (default: DIR/suggest.json)."),
+    plant_pool: Optional[int] = typer.Option(None, "--plant-pool", help="Kept plant rows available [default: from mixlaw.json]."),
+    target_total: Optional[int] = typer.Option(None, "--target-total", help="Samples of the target mix [default: from mixlaw.json]."),
+    max_epochs: Optional[float] = typer.Option(None, "--max-epochs", help="Most passes over the plant pool [default: 15]."),
+    out: Optional[Path] = typer.Option(None, "--out", "-o", help="Output file [default: DIR/suggest.json]."),
 ) -> None:
     """Suggest r*, bounded by the plant pool's repeat limit; prints it with the predicted losses."""
     from plantmix.mixlaw.fit import MixingLaw

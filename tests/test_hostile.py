@@ -13,7 +13,6 @@ import os
 import shutil
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import pytest
@@ -21,6 +20,7 @@ import safetensors.torch
 import torch
 
 sys.path.insert(0, str(Path(__file__).parent))
+from locking import wait_for_holder  # noqa: E402
 from test_data import write_shape_shards  # noqa: E402
 from test_eval import _imagefolder  # noqa: E402
 
@@ -189,11 +189,7 @@ def test_two_trainings_on_one_run_the_second_refuses(world):
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     first = subprocess.Popen(_train_cmd(world, "twice"), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
     try:
-        lock = world / "runs" / "twice" / ".lock"
-        deadline = time.monotonic() + 300
-        while not (lock.exists() and f'"pid": {first.pid}' in lock.read_text()):
-            assert first.poll() is None and time.monotonic() < deadline, first.communicate()
-            time.sleep(0.05)
+        wait_for_holder(world / "runs" / "twice" / ".lock", first)
         second = subprocess.run(_train_cmd(world, "twice"), capture_output=True, text=True, timeout=300, env=env)
         _, err = first.communicate(timeout=600)
     finally:

@@ -11,7 +11,6 @@ import shutil
 import subprocess
 import sys
 import tarfile
-import time
 from pathlib import Path
 
 import pyarrow.parquet as pq
@@ -19,6 +18,7 @@ import pytest
 import webdataset as wds
 from typer.testing import CliRunner
 
+from locking import wait_for_holder
 from mixbuild import make_build
 from plantmix.cli import app
 from plantmix.core.errors import PlantmixError
@@ -326,11 +326,7 @@ run_mix({str(b)!r}, make_spec(name="m77", **{SPEC!r}), recipe_hash="r123")
 """
     holder = subprocess.Popen([PY, "-c", slow], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     try:
-        lock = b / "mixes" / "m77" / ".lock"
-        deadline = time.monotonic() + 120
-        while not (lock.exists() and f'"pid": {holder.pid}' in lock.read_text()):
-            assert holder.poll() is None and time.monotonic() < deadline, holder.communicate()
-            time.sleep(0.05)
+        wait_for_holder(b / "mixes" / "m77" / ".lock", holder)
         second = plantmix("mix", str(b), *CLI_ARGS)
         assert second.returncode == 2 and second.stderr.count("\n") == 1, second.stderr
         assert re.fullmatch(rf"error: .*m77: another plantmix mix is running here \(pid {holder.pid} on .+, started .+\); wait.*\n", second.stderr)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import shutil
 import tempfile
 from collections.abc import Callable, Iterable, Iterator
 from concurrent.futures import ThreadPoolExecutor
@@ -146,6 +147,8 @@ def run_mix(
     mix_dir = build_dir / "mixes" / spec.resolved_name()
     with directory_lock(mix_dir, "plantmix mix"):
         remove_stale_temporaries(mix_dir)
+        for spill in mix_dir.glob(".spill-*"):  # a killed run's spill files: under the lock, nobody else's
+            shutil.rmtree(spill, ignore_errors=True)
         return _run_mix_locked(build_dir, mix_dir, spec, recipe_hash if recipe_hash is not None else build_recipe_hash(build_dir),
                                workers, resources or build_resources(build_dir), force, console)  # fmt: skip
 
