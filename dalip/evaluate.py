@@ -21,7 +21,7 @@ from pathlib import Path
 from typing import Any, Literal, Optional
 
 import torch
-from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from pydantic import BaseModel, Field, ValidationError
 from torch.utils.data import DataLoader
 
 from dalip.atomic import write_text_atomic
@@ -41,9 +41,7 @@ SCORE_LABELS = {"first": "first-order", "second": "second-order", "combined": "c
 RECALL_AT = (1, 5, 10)
 
 
-class RetrievalSpec(BaseModel):
-    model_config = ConfigDict(extra="forbid")
-
+class RetrievalSpec(StrictConfig):
     name: Name
     shards: str
     caption_field: str = "txt"

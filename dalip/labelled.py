@@ -28,12 +28,12 @@ from typing import Any, Literal, Optional
 import torch
 import torch.nn.functional as F
 from PIL import Image
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import Field
 from torch.utils.data import DataLoader, Dataset
 
 from dalip.data import EvalShards, expand_shards, parse_caption_field
 from dalip.encoders import Encoder, fingerprint_of
-from dalip.config import Name
+from dalip.config import Name, StrictConfig
 from dalip.errors import DalipError
 from dalip.templates import default_templates, get_templates
 
@@ -45,9 +45,7 @@ CLIP_BENCHMARK_TEMPLATES = "zeroshot_classification_templates.txt"
 IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".webp", ".bmp", ".gif", ".tif", ".tiff")
 
 
-class DatasetSpec(BaseModel):
-    model_config = ConfigDict(extra="forbid")
-
+class DatasetSpec(StrictConfig):
     name: Name  # names output files (confusion_<name>.png)
     path: str = Field(..., description="ImageFolder or CLIP_benchmark directory, shard spec, or csv file")
     kind: Optional[Literal["imagefolder", "shards", "clip_benchmark", "csv"]] = None  # default: guessed
