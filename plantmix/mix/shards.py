@@ -231,7 +231,7 @@ def write_shard(build_dir: Path, mix_dir: Path, i: int, caption_field: str, key:
     records = []
     tar_path = shards_dir / f"{shard_stem(i)}.tar"
     with atomic_path(tar_path) as tmp:
-        with open(tmp, "wb") as f, wds.TarWriter(f, user="", group="", mode=0o644, mtime=TAR_MTIME, encoder=False) as w:
+        with open(tmp, "wb") as raw, wds.TarWriter(f := HashingWriter(raw), user="", group="", mode=0o644, mtime=TAR_MTIME, encoder=False) as w:
             for row, ext, image in zip(rows, exts, images):
                 text = row.get(caption_field) or row.get("caption") or ""
                 meta = json.dumps(sample_meta(row, text), sort_keys=True, ensure_ascii=False)
@@ -243,8 +243,25 @@ def write_shard(build_dir: Path, mix_dir: Path, i: int, caption_field: str, key:
     table = pa.Table.from_pylist([dict(zip(SHARD_SCHEMA.names, r)) for r in records], schema=SHARD_SCHEMA)
     parquet = shards_dir / f"{shard_stem(i)}.parquet"
     write_parquet(table, parquet)
-    mark_done(tar_path, key, samples=len(rows), file=file_record(tar_path), parquet=file_record(parquet))
+    tar_record = {"bytes": f.size, "sha256": f.sha256.hexdigest()}  # hashed on the way out: no second read
+    mark_done(tar_path, key, samples=len(rows), file=tar_record, parquet=file_record(parquet))
     return len(rows)
+
+
+class HashingWriter:
+    """A write-only stream (what TarWriter's stream mode needs) that forwards to `raw` and keeps the
+    sha256 and size of everything written."""
+
+    def __init__(self, raw) -> None:  # noqa: ANN001 (a binary file)
+        self.raw, self.sha256, self.size = raw, hashlib.sha256(), 0
+
+    def write(self, data: bytes) -> int:
+        self.sha256.update(data)
+        self.size += len(data)
+        return self.raw.write(data)
+
+    def flush(self) -> None:
+        self.raw.flush()
 
 
 def _write_shard_job(args: tuple) -> int:
