@@ -3,6 +3,7 @@ verify, crash/resume, the dataset card and the CLI."""
 
 from __future__ import annotations
 
+import io
 import json
 import math
 import os
@@ -339,3 +340,33 @@ run_mix({str(b)!r}, make_spec(name="m77", **{SPEC!r}), recipe_hash="r123")
     assert (mix / "dataset.json").read_bytes() == (mix_dir / "dataset.json").read_bytes()
     # the holder is gone: its lock is free again and a rerun is a no-op
     assert plantmix("mix", str(b), *CLI_ARGS).returncode == 0
+
+
+def test_the_build_mix_stage_skips_intact_mixes_repairs_damaged_ones_and_follows_the_recipe(tmp_path, build):
+    import contextlib
+
+    from rich.console import Console
+
+    from plantmix.build import BuildContext
+    from plantmix.core.recipe import Recipe
+    from plantmix.core.stage import run_stage
+    from plantmix.mix.steps import mix_stage
+
+    b = build_copy(build, tmp_path / "b")
+    entry = {"name": "m77", **SPEC}
+    recipe = Recipe.model_validate({"name": "r", "sources": [{"name": "s", "domain": "plant", "format": "url_list", "path": "x.csv"}],
+                                    "resources": {"workers": 1}, "mix": [entry]})  # fmt: skip
+
+    def stage(r: Recipe):
+        return run_stage(mix_stage(BuildContext(r, b, tmp_path, None, Console(file=io.StringIO()), contextlib.ExitStack())))
+
+    assert stage(recipe).ran
+    mix = b / "mixes" / "m77"
+    original = mix_files(mix)
+    assert json.loads((mix / "dataset.json").read_text())["recipe_hash"] == recipe.hash()
+    assert not stage(recipe).ran
+    (mix / "shards" / "00003.tar").unlink()
+    assert stage(recipe).ran and mix_files(mix) == original
+    # the recipe's entry changed: the build replaces its own mix (no --force to give there)
+    changed = recipe.model_copy(update={"mix": [recipe.mix[0].model_copy(update={"total": 100})]})
+    assert stage(changed).ran and json.loads((mix / "dataset.json").read_text())["samples"] == 100
