@@ -171,7 +171,7 @@ def _split_list(text: str, what: str, cast=str) -> list:
 def adapt(
     model: str = typer.Argument(..., help="A dalip run, checkpoint or export directory, an open_clip export directory, or ARCH[:PATH]."),
     dataset: str = typer.Option(..., "--dataset", help="Path, or name=..,path=..,kind=..,classnames=..,class_field=..,templates=..; ImageFolder, shards, CLIP_benchmark or csv."),
-    test: Optional[str] = typer.Option(None, "--test", help="Explicit test split (same syntax); default: a seeded split of --dataset."),
+    test: Optional[str] = typer.Option(None, "--test", help="Explicit test split (same syntax) [default: a seeded split of --dataset]."),
     shots: str = typer.Option("1,2,4,8,16", "--shots", help="Labelled images per class."),
     folds: int = typer.Option(5, "--folds", help="Support sets drawn per shot count, each with its own seed."),
     methods: str = typer.Option("zero-shot,linear-probe,tip,tip-f,dac", "--methods", help="Comma-separated methods."),

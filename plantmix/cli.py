@@ -28,10 +28,10 @@ def build(
     out: Optional[Path] = typer.Option(None, "--out", "-o", help="Build directory [default: builds/<recipe name>]."),
     dry_run: bool = typer.Option(False, "--dry-run", help="Validate the recipe and print the plan; touch nothing."),
     distributor: Optional[str] = typer.Option(
-        None, "--distributor", help="img2dataset distributor: multiprocessing or pyspark (overrides the recipe)."
+        None, "--distributor", help="img2dataset distributor: multiprocessing or pyspark [default: the recipe's download.distributor]."
     ),
     until: Optional[str] = typer.Option(
-        None, "--until", help="Stop after this stage: ingest, download, hashes, join, filter, dedup, decide, report, mix."
+        None, "--until", help="Stop after this stage: ingest, download, hashes, join, filter, dedup, decide, report, mix [default: run them all]."
     ),
 ) -> None:
     """Run a recipe end to end. Finished stages are skipped; an interrupted build resumes."""
@@ -67,10 +67,10 @@ def mix(
     general: Optional[int] = typer.Option(None, "--general", help="Absolute general rows."),
     seed: int = typer.Option(0, "--seed", help="Selection and shuffle seed."),
     name: Optional[str] = typer.Option(None, "--name", help="Mix name [default: from ratio/total/seed]."),
-    per_taxon_cap: Optional[int] = typer.Option(None, "--per-taxon-cap", help="At most K rows per species."),
-    per_genus_cap: Optional[int] = typer.Option(None, "--per-genus-cap", help="At most K rows per genus."),
-    per_family_cap: Optional[int] = typer.Option(None, "--per-family-cap", help="At most K rows per family."),
-    source_weight: list[str] = typer.Option([], "--source-weight", help="SRC=W: sampling weight of a source within its domain (repeatable)."),
+    per_taxon_cap: Optional[int] = typer.Option(None, "--per-taxon-cap", help="At most K rows per species [default: no cap]."),
+    per_genus_cap: Optional[int] = typer.Option(None, "--per-genus-cap", help="At most K rows per genus [default: no cap]."),
+    per_family_cap: Optional[int] = typer.Option(None, "--per-family-cap", help="At most K rows per family [default: no cap]."),
+    source_weight: list[str] = typer.Option([], "--source-weight", help="SRC=W: sampling weight of a source within its domain (repeatable) [default: 1 for every source]."),
     allow_repeat: bool = typer.Option(False, "--allow-repeat", help="Repeat rows (keys uid-0, uid-1, ...) when a domain falls short."),
     shard_size: int = typer.Option(10_000, "--shard-size", help="Samples per output shard."),
     caption_field: str = typer.Option("caption", "--caption-field", help="Manifest column written as <key>.txt."),
