@@ -28,7 +28,7 @@ from typing import Any, Literal, Optional
 import torch
 from pydantic import Field, field_validator
 
-from dalip.atomic import atomic_path, write_text_atomic
+from dalip.atomic import atomic_path, check_output_dir, write_text_atomic
 from dalip.config import MAX_BATCH, MAX_SEED, MAX_WORKERS, Device, StrictConfig
 from dalip.data import stable_seed
 from dalip.encoders import Encoder, fingerprint_of, load_encoder
@@ -238,7 +238,7 @@ def run_adapt(model: str | Path, cfg: AdaptConfig, out_dir: Path) -> dict[str, A
     """Run every method at every shot count over the folds; writes the outputs and returns adapt.json."""
     started = time.perf_counter()
     device = _device(cfg.device)
-    out_dir = Path(out_dir)
+    out_dir = check_output_dir(out_dir)
     encoder = load_encoder(model, device)
     data, (w1, w2) = cached_embedding(encoder, cfg.dataset, cfg, device, out_dir / "features")
     text = select_features(w1, w2, cfg.features, cfg.alpha, "text")

@@ -14,6 +14,7 @@ from rich.console import Console
 
 from dalip import DalipError
 from dalip.config import MBDCOptions, TrainConfig, plain_name
+from dalip.atomic import check_output_dir
 from dalip.errors import first_line
 
 app = typer.Typer(
@@ -146,6 +147,8 @@ def eval_(
         raise DalipError(f"{config or 'eval options'}: {'.'.join(map(str, first['loc']))}: {first['msg'].removeprefix('Value error, ')}") from None
     if label is not None:
         plain_name(label, "--label")
+    if out is not None:
+        check_output_dir(out)  # before the model is loaded and every image embedded
     for path in imagefolder:
         cfg.datasets.append(DatasetSpec(name=Path(path.rstrip("/")).name, path=path, kind="imagefolder", domain=domain))
     cfg.datasets += [parse_spec(s, DatasetSpec) for s in dataset]

@@ -24,7 +24,7 @@ import torch
 from pydantic import BaseModel, Field, ValidationError
 from torch.utils.data import DataLoader
 
-from dalip.atomic import write_text_atomic
+from dalip.atomic import check_output_dir, write_text_atomic
 from dalip.config import MAX_BATCH, MAX_WORKERS, Device, Name, StrictConfig
 from dalip.data import EvalShards, expand_shards, parse_caption_field
 from dalip.encoders import Encoder, load_encoder
@@ -327,7 +327,7 @@ def plot_confusion(result: dict[str, Any], name: str, path: Path) -> None:
 def write_results(results: dict[str, Any], out_dir: Path) -> tuple[Path, Path]:
     """results.json, results.md and confusion_<dataset>.png in out_dir/<step_NNNNNNNN>/ (kept per
     checkpoint); results.json and results.md in out_dir are copies of the latest. Returns the kept pair."""
-    out_dir = Path(out_dir)
+    out_dir = check_output_dir(out_dir)
     kept = out_dir / results_dir_name(results)
     if _fingerprint_in(kept) not in (None, results["model_fingerprint"]):  # the same step of another run
         kept = kept.with_name(f"{kept.name}-{results['model_fingerprint'][:12]}")

@@ -25,7 +25,7 @@ import open_clip
 import safetensors.torch
 import torch
 
-from dalip.atomic import atomic_path
+from dalip.atomic import atomic_path, check_output_dir
 from dalip.encoders import DALIP_EXPORT_FILE as INFO_FILE, MBDC_EXPORT_FILE as MBDC_FILE, WEIGHT_FILES
 from dalip.errors import DalipError
 
@@ -40,8 +40,7 @@ def _tensors(module: torch.nn.Module, prefix: str = "") -> dict[str, torch.Tenso
 def check_export_dir(out: Path) -> None:
     """An export goes to a new or empty directory, or replaces an earlier export as a whole (never
     mixing its files with someone else's)."""
-    if out.exists() and not out.is_dir():
-        raise DalipError(f"--out {out}: exists and is not a directory")
+    check_output_dir(out)
     if out.is_dir() and any(out.iterdir()) and not (out / INFO_FILE).is_file():
         raise DalipError(f"--out {out}: not empty and not an earlier dalip export; give a new or empty directory")
 

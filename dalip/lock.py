@@ -27,9 +27,12 @@ def directory_lock(directory: Path | str, what: str = "dalip train", error: type
     """Hold DIR/.lock for the block (creating DIR); raise `error` naming the holder when another
     process has it. Yields the lock file's path."""
     directory = Path(directory)
-    if directory.exists() and not directory.is_dir():
-        raise error(f"{directory}: exists and is not a directory")
-    directory.mkdir(parents=True, exist_ok=True)
+    try:
+        directory.mkdir(parents=True, exist_ok=True)
+    except (FileExistsError, NotADirectoryError):
+        raise error(f"{directory}: exists and is not a directory, or a parent of it is a file") from None
+    except OSError as e:
+        raise error(f"{directory}: cannot create it ({e.strerror})") from None
     path = directory / LOCK_FILE
     fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
     try:

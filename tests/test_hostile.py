@@ -100,6 +100,7 @@ def _train_cases(w: Path) -> list[tuple[str, list[str], str]]:
         ("zero-byte state.pt", [*base, "--name", "zero", "--resume", "latest"], "state.pt: unreadable checkpoint state (empty file)"),
         ("pickled --pretrained", [*base, "--name", "p", "--pretrained", str(w / "pickle.pt")], "refused: the file holds pickled objects"),
         ("listed shard absent", [*base[:1], str(w / "holed"), *base[2:], "--name", "h"], "1 shard(s) listed in its sizes.json / dataset.json are absent (00001.tar)"),
+        ("runs dir is a file", [*base[:2], "--runs-dir", str(w / "afile"), *base[4:], "--name", "f"], "afile/f: exists and is not a directory, or a parent of it is a file"),
     ]  # fmt: skip
 
 
@@ -119,8 +120,9 @@ def _break_things(w: Path) -> None:
 def test_dalip_train_hostile_sweep(world, monkeypatch, capsys):
     _break_things(world)
     for case, args, needle in _train_cases(world):
-        line = one_error_line(*dalip(["train", *args], monkeypatch, capsys), needle)
-        assert "weights_only" not in line, (case, line)  # never suggest loading a pickle with code
+        code, err = dalip(["train", *args], monkeypatch, capsys)
+        one_error_line(code, err, needle)
+        assert "weights_only" not in err, (case, err)  # never suggest loading a pickle with code
     assert not (world / "escape").exists() and not (world / "runs" / "i").exists()
 
 
@@ -136,6 +138,9 @@ def test_dalip_eval_and_export_hostile_sweep(world, monkeypatch, capsys):
         ("eval: device banana", ["eval", run, "--imagefolder", str(world / "folder"), "--device", "banana"], "device: must be auto"),
         ("export into a file", ["export", run, "--out", str(world / "afile")], "exists and is not a directory"),
         ("export into a non-empty dir", ["export", run, "--out", str(world / "notmine")], "not empty and not an earlier dalip export"),
+        ("eval into a file", ["eval", run, "--imagefolder", str(world / "folder"), "--out", str(world / "afile")], "afile: exists and is not a directory"),
+        ("adapt into a file", ["adapt", run, "--dataset", str(world / "folder"), "--shots", "1", "--folds", "1", "--methods", "zero-shot",
+                               "--out", str(world / "afile")], "afile: exists and is not a directory"),
     ]  # fmt: skip
     for case, args, needle in cases:
         one_error_line(*dalip(args, monkeypatch, capsys), needle)
