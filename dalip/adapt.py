@@ -26,9 +26,10 @@ from pathlib import Path
 from typing import Any, Literal, Optional
 
 import torch
-from pydantic import BaseModel, ConfigDict, Field, field_validator
+from pydantic import Field, field_validator
 
-from dalip.atomic import atomic_path, write_text_atomic
+from dalip.atomic import atomic_path, check_output_dir, write_text_atomic
+from dalip.config import MAX_BATCH, MAX_SEED, MAX_WORKERS, Device, StrictConfig
 from dalip.data import stable_seed
 from dalip.encoders import Encoder, fingerprint_of, load_encoder
 from dalip.errors import DalipError
@@ -42,21 +43,19 @@ FEATURES = ("first", "second", "combined")
 CACHE_VERSION = 1  # bump when what a feature cache holds changes
 
 
-class AdaptConfig(BaseModel):
-    model_config = ConfigDict(extra="forbid")
-
+class AdaptConfig(StrictConfig):
     dataset: DatasetSpec
     test: Optional[DatasetSpec] = Field(None, description="explicit test split [a seeded split of the dataset]")
     shots: list[int] = Field(default_factory=lambda: [1, 2, 4, 8, 16])
-    folds: int = Field(5, ge=1)
+    folds: int = Field(5, ge=1, le=1000)
     methods: list[str] = Field(default_factory=lambda: list(METHODS))
     features: Literal["first", "second", "combined"] = "first"
     alpha: float = Field(0.5, ge=0, le=1, description="combined features: weight of the first order")
     test_fraction: float = Field(0.5, gt=0, lt=1, description="share of each class held out as test (no --test)")
-    seed: int = 0
-    batch_size: int = Field(64, ge=1)
-    workers: int = Field(0, ge=0)
-    device: str = "auto"
+    seed: int = Field(0, ge=0, lt=MAX_SEED)
+    batch_size: int = Field(64, ge=1, le=MAX_BATCH)
+    workers: int = Field(0, ge=0, le=MAX_WORKERS)
+    device: Device = "auto"
 
     @field_validator("methods")
     @classmethod
@@ -239,7 +238,7 @@ def run_adapt(model: str | Path, cfg: AdaptConfig, out_dir: Path) -> dict[str, A
     """Run every method at every shot count over the folds; writes the outputs and returns adapt.json."""
     started = time.perf_counter()
     device = _device(cfg.device)
-    out_dir = Path(out_dir)
+    out_dir = check_output_dir(out_dir)
     encoder = load_encoder(model, device)
     data, (w1, w2) = cached_embedding(encoder, cfg.dataset, cfg, device, out_dir / "features")
     text = select_features(w1, w2, cfg.features, cfg.alpha, "text")

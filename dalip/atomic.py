@@ -41,6 +41,18 @@ def atomic_path(path: Path | str) -> Iterator[Path]:
         _remove(tmp)
 
 
+def check_output_dir(path: Path | str, flag: str = "--out") -> Path:
+    """`path` as an output directory: absent or a directory, else a one-line DalipError."""
+    from dalip import DalipError
+
+    path = Path(path)
+    if path.exists() and not path.is_dir():
+        raise DalipError(f"{flag} {path}: exists and is not a directory")
+    if not path.exists() and any(p.exists() and not p.is_dir() for p in path.parents):
+        raise DalipError(f"{flag} {path}: cannot be created: a parent is a file")
+    return path
+
+
 def write_text_atomic(path: Path | str, text: str) -> Path:
     """Write a text file atomically; returns its path."""
     with atomic_path(path) as tmp:

@@ -27,7 +27,7 @@ import torch
 from safetensors import SafetensorError
 
 from dalip.atomic import atomic_path
-from dalip.errors import CheckpointError
+from dalip.errors import CheckpointError, first_line
 
 MODEL_FILE = "model.safetensors"
 STATE_FILE = "state.pt"
@@ -126,7 +126,7 @@ def load_model_weights(model: torch.nn.Module, path: Path, strict: bool = True) 
     except (OSError, SafetensorError) as e:
         raise CheckpointError(f"{file}: cannot load model weights ({e})") from None
     except RuntimeError as e:  # shape mismatch
-        raise CheckpointError(f"{file}: weights do not fit the model ({str(e).splitlines()[0]})") from None
+        raise CheckpointError(f"{file}: weights do not fit the model ({first_line(e)})") from None
     if strict and (missing or unexpected):
         raise CheckpointError(
             f"{file}: weights do not match the model (missing {sorted(missing)[:3]}, unexpected {sorted(unexpected)[:3]})"
@@ -146,5 +146,7 @@ def load_state(path: Path) -> dict[str, Any]:
             f"{file}: refused to load: it holds pickled objects other than tensors and plain containers, "
             f"which could run code ({detail.strip() or 'weights_only check failed'})"
         ) from None
-    except (OSError, RuntimeError, EOFError) as e:
-        raise CheckpointError(f"{file}: unreadable checkpoint state ({str(e).splitlines()[0]})") from None
+    except (OSError, RuntimeError, EOFError, ValueError) as e:
+        size = file.stat().st_size
+        raise CheckpointError(f"{file}: unreadable checkpoint state ({'empty file' if size == 0 else first_line(e)}); "
+                              "resume from another checkpoint or delete this one") from None

@@ -6,12 +6,16 @@ import json
 import logging
 import sys
 from pathlib import Path
-from typing import List, Optional
+from typing import Any, List, Optional
 
 import typer
+from pydantic import BaseModel
 from rich.console import Console
 
 from dalip import DalipError
+from dalip.config import MBDCOptions, TrainConfig, plain_name
+from dalip.atomic import check_output_dir
+from dalip.errors import first_line
 
 app = typer.Typer(
     name="dalip",
@@ -19,6 +23,7 @@ app = typer.Typer(
     no_args_is_help=True,
     add_completion=False,
     pretty_exceptions_enable=False,
+    rich_markup_mode=None,  # plain help: rich markup would eat every "[default: ...]" of our help texts
 )
 console = Console(stderr=True)
 
@@ -31,52 +36,75 @@ def _setup_logging() -> None:
     logging.basicConfig(level=level, format="%(message)s" if rank == "0" else f"[rank {rank}] %(message)s", stream=sys.stderr)
 
 
+def _default_text(value: Any) -> str:
+    if isinstance(value, bool):
+        return "on" if value else "off"
+    if isinstance(value, BaseModel):
+        return ", ".join(f"{k}={_default_text(v)}" for k, v in value.model_dump().items())
+    return "none" if value is None else str(value)
+
+
+def _field_help(model: type[BaseModel], field: str, text: str | None = None) -> str:
+    """A field's description (or `text`) with its default, so the help never disagrees with the config."""
+    info = model.model_fields[field]
+    text = (text or info.description or field.replace("_", " ")).rstrip(".")
+    if "[default:" not in text:
+        text += f" [default: {_default_text(info.get_default(call_default_factory=True))}]"
+    return text + "."
+
+
+def _opt(field: str, *flags: str, text: str | None = None) -> Any:
+    """A `dalip train` flag overriding TrainConfig.<field> (None: keep the YAML's or the default)."""
+    return typer.Option(None, *flags, help=_field_help(TrainConfig, field, text))
+
+
 @app.command()
 def train(
     config: Optional[Path] = typer.Option(None, "--config", "-c", help="YAML config; flags override its values."),
-    train_data: Optional[str] = typer.Option(None, "--train-data", help="Shards: brace pattern, glob or directory; '::' joins sources."),
-    name: Optional[str] = typer.Option(None, "--name", help="Run name: outputs go to <runs-dir>/<name>/."),
-    runs_dir: Optional[Path] = typer.Option(None, "--runs-dir"),
-    model: Optional[str] = typer.Option(None, "--model", help="open_clip model or dalip config (dalip-tiny)."),
-    pretrained: Optional[str] = typer.Option(None, "--pretrained", help="open_clip tag or local base-model checkpoint."),
-    caption_field: Optional[str] = typer.Option(None, "--caption-field", help="txt, a .json key, or captions (one of the group's captions per epoch, else txt); comma = fallbacks; default: txt."),
-    resampled: Optional[bool] = typer.Option(None, "--resampled/--epochs-mode", help="Draw shards with replacement."),
-    train_num_samples: Optional[int] = typer.Option(None, "--train-num-samples"),
-    workers: Optional[int] = typer.Option(None, "--workers"),
-    batch_size: Optional[int] = typer.Option(None, "--batch-size", help="Global batch per optimizer step."),
-    accum_steps: Optional[int] = typer.Option(None, "--accum-steps"),
-    epochs: Optional[int] = typer.Option(None, "--epochs"),
-    steps: Optional[int] = typer.Option(None, "--steps", help="Total optimizer steps (overrides --epochs)."),
-    lr: Optional[float] = typer.Option(None, "--lr"),
-    warmup: Optional[int] = typer.Option(None, "--warmup"),
-    weight_decay: Optional[float] = typer.Option(None, "--wd"),
-    grad_clip: Optional[float] = typer.Option(None, "--grad-clip"),
-    precision: Optional[str] = typer.Option(None, "--precision", help="fp32, bf16 or fp16."),
-    grad_checkpointing: Optional[bool] = typer.Option(None, "--grad-checkpointing/--no-grad-checkpointing"),
-    loss: Optional[str] = typer.Option(None, "--loss", help="dalip or clip."),
-    alpha: Optional[float] = typer.Option(None, "--alpha", help="Weight of the first-order term."),
-    mbdc_dropout: Optional[float] = typer.Option(None, "--mbdc-dropout"),
-    seed: Optional[int] = typer.Option(None, "--seed"),
-    deterministic: Optional[bool] = typer.Option(None, "--deterministic/--no-deterministic"),
-    device: Optional[str] = typer.Option(None, "--device"),
-    data_slots: Optional[int] = typer.Option(None, "--data-slots", help="Slices per global batch [world size]."),
-    data_phases: Optional[int] = typer.Option(None, "--data-phases", help="[max(1, workers)]"),
-    save_every: Optional[int] = typer.Option(None, "--save-every"),
-    keep_checkpoints: Optional[int] = typer.Option(None, "--keep-checkpoints"),
-    log_every: Optional[int] = typer.Option(None, "--log-every"),
-    resume: Optional[str] = typer.Option(None, "--resume", help="'latest' or a checkpoint directory."),
-    max_nonfinite: Optional[int] = typer.Option(None, "--max-nonfinite", help="Abort after K non-finite losses in a row."),
-    progress: Optional[bool] = typer.Option(None, "--progress/--no-progress"),
+    train_data: Optional[str] = _opt("train_data", "--train-data", text="shards: brace pattern, glob, directory or mix dir; '::' joins sources [default: from --config]"),
+    name: Optional[str] = _opt("name", "--name"),
+    runs_dir: Optional[Path] = _opt("runs_dir", "--runs-dir"),
+    model: Optional[str] = _opt("model", "--model"),
+    pretrained: Optional[str] = _opt("pretrained", "--pretrained"),
+    caption_field: Optional[str] = _opt("caption_field", "--caption-field"),
+    resampled: Optional[bool] = _opt("resampled", "--resampled/--epochs-mode"),
+    train_num_samples: Optional[int] = _opt("train_num_samples", "--train-num-samples"),
+    workers: Optional[int] = _opt("workers", "--workers"),
+    batch_size: Optional[int] = _opt("batch_size", "--batch-size"),
+    accum_steps: Optional[int] = _opt("accum_steps", "--accum-steps"),
+    epochs: Optional[int] = _opt("epochs", "--epochs"),
+    steps: Optional[int] = _opt("steps", "--steps"),
+    lr: Optional[float] = _opt("lr", "--lr"),
+    warmup: Optional[int] = _opt("warmup", "--warmup"),
+    weight_decay: Optional[float] = _opt("weight_decay", "--wd"),
+    grad_clip: Optional[float] = _opt("grad_clip", "--grad-clip"),
+    precision: Optional[str] = _opt("precision", "--precision"),
+    grad_checkpointing: Optional[bool] = _opt("grad_checkpointing", "--grad-checkpointing/--no-grad-checkpointing"),
+    loss: Optional[str] = _opt("loss", "--loss"),
+    alpha: Optional[float] = _opt("alpha", "--alpha"),
+    mbdc_dropout: Optional[float] = typer.Option(None, "--mbdc-dropout", help=_field_help(MBDCOptions, "dropout", "MBDC channel dropout while training")),
+    seed: Optional[int] = _opt("seed", "--seed"),
+    deterministic: Optional[bool] = _opt("deterministic", "--deterministic/--no-deterministic"),
+    device: Optional[str] = _opt("device", "--device", text="auto (cuda if available), cpu, cuda, cuda:N or mps"),
+    data_slots: Optional[int] = _opt("data_slots", "--data-slots"),
+    data_phases: Optional[int] = _opt("data_phases", "--data-phases", text="phases per data slot, each read by one worker [default: max(1, workers)]"),
+    save_every: Optional[int] = _opt("save_every", "--save-every"),
+    keep_checkpoints: Optional[int] = _opt("keep_checkpoints", "--keep-checkpoints"),
+    log_every: Optional[int] = _opt("log_every", "--log-every"),
+    resume: Optional[str] = _opt("resume", "--resume", text="'latest' (the run's newest checkpoint, or a fresh start when it has none) or a checkpoint directory"),
+    max_nonfinite: Optional[int] = _opt("max_nonfinite", "--max-nonfinite"),
+    progress: Optional[bool] = _opt("progress", "--progress/--no-progress"),
 ) -> None:
-    """Train DALIP (or the CLIP baseline with --loss clip). Run under `torchrun` for DDP."""
+    """Train DALIP (or the CLIP baseline with --loss clip). Run under `torchrun` for DDP. One
+    training per run directory at a time (a second one refuses)."""
     overrides = {k: v for k, v in locals().items() if k not in ("config", "mbdc_dropout")}
+    if mbdc_dropout is not None:
+        overrides["mbdc"] = {"dropout": mbdc_dropout}
     from dalip.config import load_train_config
     from dalip.train import train as run_training
 
     _setup_logging()
     cfg = load_train_config(config, overrides)
-    if mbdc_dropout is not None:
-        cfg = cfg.model_copy(update={"mbdc": {**cfg.mbdc, "dropout": mbdc_dropout}})
     summary = run_training(cfg)
     if summary.get("loss") is not None:
         console.print(f"done: step {summary['step']}, loss {summary['loss']:.4f}; run in {summary['run_dir']}")
@@ -87,40 +115,40 @@ def train(
 @app.command("eval")
 def eval_(
     checkpoint: str = typer.Argument(..., help="A dalip run (its latest checkpoint), checkpoint or export directory, an open_clip export directory, or an open_clip ARCH[:PATH]."),
-    config: Optional[Path] = typer.Option(None, "--config", "-c", help="YAML: datasets, retrieval, alpha, ..."),
-    imagefolder: List[str] = typer.Option([], "--imagefolder", help="ImageFolder dir (classnames.json inside is used)."),
+    config: Optional[Path] = typer.Option(None, "--config", "-c", help="YAML: datasets, retrieval, validation, alpha, ...; flags override it."),
+    imagefolder: List[str] = typer.Option([], "--imagefolder", help="ImageFolder dir (classnames.json inside is used); repeatable."),
     domain: str = typer.Option("plant", "--domain", help="Domain of the --imagefolder sets: plant or general."),
-    dataset: List[str] = typer.Option([], "--dataset", help="name=..,path=..,domain=..,classnames=..,class_field=..,templates=.."),
+    dataset: List[str] = typer.Option([], "--dataset", help="name=..,path=..,kind=..,domain=..,classnames=..,class_field=..,templates=..; repeatable."),
     retrieval: List[str] = typer.Option([], "--retrieval", help="Held-out shards for retrieval (or name=..,shards=..,caption_field=..)."),
     validation: List[str] = typer.Option([], "--validation", help="Per-domain validation loss: name=..,shards=..,domain=..[,caption_field=..]."),
-    loss_batch_size: Optional[int] = typer.Option(None, "--loss-batch-size", help="Pairs per fixed validation-loss batch (default: 32)."),
-    alpha: Optional[float] = typer.Option(None, "--alpha", help="Combined similarity weight of s1."),
-    batch_size: Optional[int] = typer.Option(None, "--batch-size"),
-    workers: Optional[int] = typer.Option(None, "--workers"),
-    device: Optional[str] = typer.Option(None, "--device"),
-    label: Optional[str] = typer.Option(None, "--label", help="Row label in the table [run name]."),
-    out: Optional[Path] = typer.Option(None, "--out", "-o", help="Output dir; results kept per checkpoint step in step_NNNNNNNN/; default: the run dir's eval/, else eval/MODEL."),
+    loss_batch_size: Optional[int] = typer.Option(None, "--loss-batch-size", help="Pairs per fixed validation-loss batch [default: 32, or the config's]."),
+    alpha: Optional[float] = typer.Option(None, "--alpha", help="Weight of the first-order similarity s1 in the combined score [default: 0.5, or the config's]."),
+    batch_size: Optional[int] = typer.Option(None, "--batch-size", help="Images per forward pass [default: 64, or the config's]."),
+    workers: Optional[int] = typer.Option(None, "--workers", help="DataLoader worker processes [default: 0, or the config's]."),
+    device: Optional[str] = typer.Option(None, "--device", help="auto, cpu, cuda, cuda:N or mps [default: auto, or the config's]."),
+    label: Optional[str] = typer.Option(None, "--label", help="Row label in the table, a plain name [default: the run's name]."),
+    out: Optional[Path] = typer.Option(None, "--out", "-o", help="Output dir; results kept per checkpoint step in step_NNNNNNNN/ [default: the run dir's eval/, else eval/LABEL]."),
 ) -> None:
     """Zero-shot top-1 (top-5 with more than 5 classes), per-class accuracy, confusion PNGs and retrieval R@K;
     writes results.json and a paper-style results.md per checkpoint step."""
-    import yaml
     from pydantic import ValidationError
 
+    from dalip.config import load_yaml_mapping
     from dalip.evaluate import DatasetSpec, EvalConfig, RetrievalSpec, evaluate, parse_spec, write_results
     from dalip.validation import ValidationSpec
 
     _setup_logging()
-    values = {}
-    if config is not None:
-        if not config.is_file():
-            raise DalipError(f"eval config not found: {config}")
-        values = yaml.safe_load(config.read_text()) or {}
+    values = load_yaml_mapping(config, "eval config") if config is not None else {}
     values.update({k: v for k, v in {"alpha": alpha, "batch_size": batch_size, "workers": workers, "device": device, "loss_batch_size": loss_batch_size}.items() if v is not None})
     try:
         cfg = EvalConfig(**values)
     except ValidationError as e:
         first = e.errors()[0]
-        raise DalipError(f"{config or 'eval options'}: {'.'.join(map(str, first['loc']))}: {first['msg']}") from None
+        raise DalipError(f"{config or 'eval options'}: {'.'.join(map(str, first['loc']))}: {first['msg'].removeprefix('Value error, ')}") from None
+    if label is not None:
+        plain_name(label, "--label")
+    if out is not None:
+        check_output_dir(out)  # before the model is loaded and every image embedded
     for path in imagefolder:
         cfg.datasets.append(DatasetSpec(name=Path(path.rstrip("/")).name, path=path, kind="imagefolder", domain=domain))
     cfg.datasets += [parse_spec(s, DatasetSpec) for s in dataset]
@@ -146,7 +174,7 @@ def _split_list(text: str, what: str, cast=str) -> list:
 def adapt(
     model: str = typer.Argument(..., help="A dalip run, checkpoint or export directory, an open_clip export directory, or ARCH[:PATH]."),
     dataset: str = typer.Option(..., "--dataset", help="Path, or name=..,path=..,kind=..,classnames=..,class_field=..,templates=..; ImageFolder, shards, CLIP_benchmark or csv."),
-    test: Optional[str] = typer.Option(None, "--test", help="Explicit test split (same syntax); default: a seeded split of --dataset."),
+    test: Optional[str] = typer.Option(None, "--test", help="Explicit test split (same syntax) [default: a seeded split of --dataset]."),
     shots: str = typer.Option("1,2,4,8,16", "--shots", help="Labelled images per class."),
     folds: int = typer.Option(5, "--folds", help="Support sets drawn per shot count, each with its own seed."),
     methods: str = typer.Option("zero-shot,linear-probe,tip,tip-f,dac", "--methods", help="Comma-separated methods."),
@@ -184,7 +212,7 @@ def adapt(
 @app.command()
 def export(
     checkpoint: Path = typer.Argument(..., help="A run directory (its latest checkpoint) or a checkpoint directory."),
-    out: Path = typer.Option(..., "--out", "-o", help="Output directory."),
+    out: Path = typer.Option(..., "--out", "-o", help="Output directory: new, empty, or an earlier export (replaced as a whole)."),
 ) -> None:
     """Write an open_clip-loadable checkpoint of the base model (MBDC weights alongside)."""
     from dalip.export import export_checkpoint
@@ -199,7 +227,7 @@ def _one_line(err: DalipError) -> str:
     msg = str(err).strip()
     if "Original Traceback" in msg:
         msg = msg.splitlines()[-1].split(": ", 1)[-1]
-    return msg.splitlines()[0] if msg else type(err).__name__
+    return first_line(DalipError(msg)) if msg else type(err).__name__
 
 
 def main() -> None:

@@ -106,6 +106,7 @@ def expand_shards(spec: str) -> list[list[str]]:
                 tars = sorted(path.glob("*.tar")) or sorted((path / "shards").glob("*.tar"))
                 if not tars:
                     raise DalipError(f"{path}: no .tar shards in this directory or in its shards/")
+                check_listed_shards(tars[0].parent, {t.name for t in tars})
                 urls += [str(t) for t in tars]
             elif any(ch in item for ch in "*?["):
                 matches = sorted(glob.glob(str(path)))
@@ -136,7 +137,21 @@ def _listed_counts(shard_dir: Path) -> dict[str, int]:
     return {}
 
 
-MIX_SUMMARY_KEYS = ("name", "mix_fingerprint", "recipe_hash", "samples", "num_shards", "plant_share", "seed", "format")
+def check_listed_shards(shard_dir: Path, present: set[str]) -> None:
+    """Refuse a shard directory whose listing (sizes.json / dataset.json) names shards that are not
+    there: training or evaluating on the part that is left would go unnoticed."""
+    missing = sorted(set(_listed_counts(shard_dir)) - present)
+    if missing:
+        shown = ", ".join(missing[:3]) + (f" and {len(missing) - 3} more" if len(missing) > 3 else "")
+        raise DalipError(
+            f"{shard_dir}: {len(missing)} shard(s) listed in its sizes.json / dataset.json are absent ({shown}); "
+            "repair the mix (plantmix verify --repair) or name the shards you want explicitly"
+        )
+
+
+MIX_SUMMARY_KEYS = (
+    "name", "mix_fingerprint", "manifest_fingerprint", "recipe_hash", "samples", "num_shards", "plant_share", "seed", "format",
+)  # fmt: skip
 
 
 def describe_sources(sources: Sequence[Sequence[str]]) -> list[dict[str, Any]]:

@@ -6,7 +6,13 @@ specific kinds the trainer raises.
 
 from dalip import DalipError
 
-__all__ = ["DalipError", "CheckpointError", "NonFiniteLossError"]
+__all__ = ["DalipError", "CheckpointError", "NonFiniteLossError", "first_line"]
+
+
+def first_line(err: BaseException) -> str:
+    """The first line of an exception's message, or its type name when the message is empty (a
+    zero-byte file makes torch.load raise with no message at all)."""
+    return next((line.strip() for line in str(err).splitlines() if line.strip()), type(err).__name__)
 
 
 class CheckpointError(DalipError):

@@ -21,10 +21,11 @@ from pathlib import Path
 from typing import Any, Literal, Optional
 
 import torch
-from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from pydantic import BaseModel, Field, ValidationError
 from torch.utils.data import DataLoader
 
-from dalip.atomic import write_text_atomic
+from dalip.atomic import check_output_dir, write_text_atomic
+from dalip.config import MAX_BATCH, MAX_WORKERS, Device, Name, StrictConfig
 from dalip.data import EvalShards, expand_shards, parse_caption_field
 from dalip.encoders import Encoder, load_encoder
 from dalip.errors import DalipError
@@ -40,26 +41,22 @@ SCORE_LABELS = {"first": "first-order", "second": "second-order", "combined": "c
 RECALL_AT = (1, 5, 10)
 
 
-class RetrievalSpec(BaseModel):
-    model_config = ConfigDict(extra="forbid")
-
-    name: str
+class RetrievalSpec(StrictConfig):
+    name: Name
     shards: str
     caption_field: str = "txt"
     domain: Literal["plant", "general"] = "plant"
 
 
-class EvalConfig(BaseModel):
-    model_config = ConfigDict(extra="forbid")
-
+class EvalConfig(StrictConfig):
     datasets: list[DatasetSpec] = Field(default_factory=list)
     retrieval: list[RetrievalSpec] = Field(default_factory=list)
     validation: list[ValidationSpec] = Field(default_factory=list)  # per-domain held-out loss
     loss_batch_size: int = Field(LOSS_BATCH_SIZE, ge=2, description="pairs per fixed validation-loss batch")
     alpha: float = Field(0.5, ge=0, le=1)
-    batch_size: int = Field(64, ge=1)
-    workers: int = Field(0, ge=0)
-    device: str = "auto"
+    batch_size: int = Field(64, ge=1, le=MAX_BATCH)
+    workers: int = Field(0, ge=0, le=MAX_WORKERS)
+    device: Device = "auto"
 
 
 def parse_spec(text: str, model: type[BaseModel]) -> BaseModel:
@@ -77,7 +74,8 @@ def parse_spec(text: str, model: type[BaseModel]) -> BaseModel:
         return model(**values)
     except ValidationError as e:
         first = e.errors()[0]
-        raise DalipError(f"--{'dataset' if model is DatasetSpec else 'retrieval' if model is RetrievalSpec else 'validation'} {text!r}: {'.'.join(map(str, first['loc']))}: {first['msg']}") from None
+        flag = "dataset" if model is DatasetSpec else "retrieval" if model is RetrievalSpec else "validation"
+        raise DalipError(f"--{flag} {text!r}: {'.'.join(map(str, first['loc']))}: {first['msg'].removeprefix('Value error, ')}") from None
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -134,6 +132,9 @@ def zero_shot(encoder: Encoder, spec: DatasetSpec, cfg: EvalConfig, device) -> d
     scores = similarities(data.z1, data.z2, w1, w2, cfg.alpha)
     ks = (1, 5) if data.num_classes > 5 else (1,)
     result: dict[str, Any] = {**describe(data), "chance": 1 / data.num_classes, "classes": data.classes}
+    if data.num_classes == 1:  # argmax over one class is always right: the score says nothing
+        result["warning"] = f"dataset {spec.name} has one class: top-1 is 100 % by construction (chance 100 %)"
+        log.warning("warning: %s", result["warning"])
     result.update({kind: topk_accuracy(s, data.labels, ks) for kind, s in scores.items()})
     result["per_class"] = {kind: per_class_accuracy(s, data.labels, data.classes) for kind, s in scores.items()}
     main = main_score(scores)
@@ -145,7 +146,7 @@ def zero_shot(encoder: Encoder, spec: DatasetSpec, cfg: EvalConfig, device) -> d
 def retrieval(encoder: Encoder, spec: RetrievalSpec, cfg: EvalConfig, device) -> dict[str, Any]:
     urls = [u for source in expand_shards(spec.shards) for u in source]
     dataset = EvalShards(urls, encoder.preprocess, parse_caption_field(spec.caption_field))
-    i1, i2, captions, _ = image_embeddings(encoder, _loader(dataset, cfg), device)
+    i1, i2, captions, _ = image_embeddings(encoder, _loader(dataset, cfg), device, f"retrieval {spec.name} ({spec.shards})")
     t1s, t2s = [], []
     for i in range(0, len(captions), cfg.batch_size):
         z1, z2 = encoder.encode_text(encoder.tokenizer(captions[i : i + cfg.batch_size]).to(device))
@@ -290,6 +291,14 @@ def results_dir_name(results: dict[str, Any]) -> str:
     return f"model_{results['model_fingerprint'][:12]}"
 
 
+def _fingerprint_in(folder: Path) -> str | None:
+    """The model fingerprint of the results kept in `folder` (None when there are none)."""
+    try:
+        return json.loads((folder / "results.json").read_text()).get("model_fingerprint")
+    except (OSError, ValueError, AttributeError):
+        return None
+
+
 def plot_confusion(result: dict[str, Any], name: str, path: Path) -> None:
     import matplotlib
 
@@ -318,10 +327,14 @@ def plot_confusion(result: dict[str, Any], name: str, path: Path) -> None:
 def write_results(results: dict[str, Any], out_dir: Path) -> tuple[Path, Path]:
     """results.json, results.md and confusion_<dataset>.png in out_dir/<step_NNNNNNNN>/ (kept per
     checkpoint); results.json and results.md in out_dir are copies of the latest. Returns the kept pair."""
-    out_dir = Path(out_dir)
+    out_dir = check_output_dir(out_dir)
     kept = out_dir / results_dir_name(results)
+    if _fingerprint_in(kept) not in (None, results["model_fingerprint"]):  # the same step of another run
+        kept = kept.with_name(f"{kept.name}-{results['model_fingerprint'][:12]}")
     kept.mkdir(parents=True, exist_ok=True)
-    text, table = json.dumps(_finite_or_null(results), indent=1), markdown_table([results]) + validation_markdown(results)
+    warnings = "".join(f"\n> warning: {z['warning']}\n" for z in results["zero_shot"].values() if z.get("warning"))
+    text = json.dumps(_finite_or_null(results), indent=1)
+    table = markdown_table([results]) + warnings + validation_markdown(results)
     for folder in (kept, out_dir):
         write_text_atomic(folder / "results.json", text)
         write_text_atomic(folder / "results.md", table)

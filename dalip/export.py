@@ -25,10 +25,11 @@ import open_clip
 import safetensors.torch
 import torch
 
+from dalip.atomic import atomic_path, check_output_dir
+from dalip.encoders import DALIP_EXPORT_FILE as INFO_FILE, MBDC_EXPORT_FILE as MBDC_FILE, WEIGHT_FILES
 from dalip.errors import DalipError
 
-BASE_FILE = "open_clip_model.safetensors"
-MBDC_FILE = "mbdc.safetensors"
+BASE_FILE = WEIGHT_FILES[0]
 
 
 def _tensors(module: torch.nn.Module, prefix: str = "") -> dict[str, torch.Tensor]:
@@ -36,25 +37,35 @@ def _tensors(module: torch.nn.Module, prefix: str = "") -> dict[str, torch.Tenso
     return {prefix + k: v.detach().cpu().clone().contiguous() for k, v in module.state_dict().items()}
 
 
+def check_export_dir(out: Path) -> None:
+    """An export goes to a new or empty directory, or replaces an earlier export as a whole (never
+    mixing its files with someone else's)."""
+    check_output_dir(out)
+    if out.is_dir() and any(out.iterdir()) and not (out / INFO_FILE).is_file():
+        raise DalipError(f"--out {out}: not empty and not an earlier dalip export; give a new or empty directory")
+
+
 def export_checkpoint(checkpoint: str | Path, out_dir: str | Path) -> dict[str, Path]:
-    """Write the export directory; returns the paths written by role."""
+    """Write the export directory atomically (an earlier export there is replaced as a whole);
+    returns the paths written by role."""
     from dalip.evaluate import load_for_eval
 
+    out = Path(out_dir)
+    check_export_dir(out)
     model, _, _, meta = load_for_eval(checkpoint, "cpu")
     arch = meta["model"].replace("/", "-")
     arch = Path(arch).stem if arch.endswith(".json") else arch
     model_cfg = open_clip.get_model_config(arch)
     if model_cfg is None:
         raise DalipError(f"model config {arch!r} is not registered with open_clip; cannot export")
-    out = Path(out_dir)
-    out.mkdir(parents=True, exist_ok=True)
-    paths = {
-        "base": out / BASE_FILE,
-        "config": out / f"{arch}.json",
-        "hf_config": out / "open_clip_config.json",
-        "mbdc": out / MBDC_FILE,
-        "info": out / "dalip.json",
-    }
+    names = {"base": BASE_FILE, "config": f"{arch}.json", "hf_config": "open_clip_config.json", "mbdc": MBDC_FILE, "info": INFO_FILE}
+    with atomic_path(out) as tmp:
+        tmp.mkdir(parents=True)
+        _write_export(tmp, {role: tmp / name for role, name in names.items()}, model, model_cfg, arch, meta)
+    return {role: out / name for role, name in names.items()}
+
+
+def _write_export(tmp: Path, paths: dict[str, Path], model: torch.nn.Module, model_cfg: dict, arch: str, meta: dict) -> None:
     safetensors.torch.save_file(_tensors(model.base), str(paths["base"]))
     mbdc = {**_tensors(model.mbdc_image, "mbdc_image."), **_tensors(model.mbdc_text, "mbdc_text.")}
     safetensors.torch.save_file(mbdc, str(paths["mbdc"]))
@@ -72,8 +83,8 @@ def export_checkpoint(checkpoint: str | Path, out_dir: str | Path) -> dict[str, 
         "source_checkpoint": meta["path"],
         "step": meta.get("step"),
         "loss": meta.get("loss"),
+        "train_data": meta.get("train_data"),
         "usage": f'open_clip.add_model_config("{paths["config"].name}"); '
         f'open_clip.create_model_and_transforms("{arch}", pretrained="{BASE_FILE}")',
     }
     paths["info"].write_text(json.dumps(info, indent=1))
-    return paths

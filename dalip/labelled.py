@@ -28,11 +28,12 @@ from typing import Any, Literal, Optional
 import torch
 import torch.nn.functional as F
 from PIL import Image
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import Field
 from torch.utils.data import DataLoader, Dataset
 
 from dalip.data import EvalShards, expand_shards, parse_caption_field
 from dalip.encoders import Encoder, fingerprint_of
+from dalip.config import Name, StrictConfig
 from dalip.errors import DalipError
 from dalip.templates import default_templates, get_templates
 
@@ -44,10 +45,8 @@ CLIP_BENCHMARK_TEMPLATES = "zeroshot_classification_templates.txt"
 IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".webp", ".bmp", ".gif", ".tif", ".tiff")
 
 
-class DatasetSpec(BaseModel):
-    model_config = ConfigDict(extra="forbid")
-
-    name: str
+class DatasetSpec(StrictConfig):
+    name: Name  # names output files (confusion_<name>.png)
     path: str = Field(..., description="ImageFolder or CLIP_benchmark directory, shard spec, or csv file")
     kind: Optional[Literal["imagefolder", "shards", "clip_benchmark", "csv"]] = None  # default: guessed
     domain: Literal["plant", "general"] = "plant"
@@ -226,8 +225,9 @@ class Embedded:
 
 
 @torch.no_grad()
-def image_embeddings(encoder: Encoder, loader, device) -> tuple[torch.Tensor, Optional[torch.Tensor], list, list]:
-    """(Z1, Z2 or None, targets, sha256s) over a loader of (images, targets[, sha256s])."""
+def image_embeddings(encoder: Encoder, loader, device, source: str = "the data") -> tuple[torch.Tensor, Optional[torch.Tensor], list, list]:
+    """(Z1, Z2 or None, targets, sha256s) over a loader of (images, targets[, sha256s]); `source`
+    names the data in the error when there is none."""
     z1s, z2s, targets, hashes = [], [], [], []
     for batch in loader:
         images, target = batch[0], batch[1]
@@ -238,7 +238,7 @@ def image_embeddings(encoder: Encoder, loader, device) -> tuple[torch.Tensor, Op
         targets += target.tolist() if torch.is_tensor(target) else list(target)
         hashes += list(batch[2]) if len(batch) > 2 else []
     if not z1s:
-        raise DalipError("no images to evaluate")
+        raise DalipError(f"{source}: no images to evaluate")
     return torch.cat(z1s), (torch.cat(z2s) if z2s else None), targets, hashes
 
 
@@ -267,7 +267,7 @@ def embed_labelled(encoder: Encoder, spec: DatasetSpec, device, batch_size: int 
     """Embed every image of a labelled set once (no augmentation: the encoder's eval transform)."""
     layout = open_layout(spec, encoder.preprocess)
     loader = DataLoader(layout.dataset, batch_size=batch_size, num_workers=workers, shuffle=False)
-    z1, z2, values, hashes = image_embeddings(encoder, loader, device)
+    z1, z2, values, hashes = image_embeddings(encoder, loader, device, f"dataset {spec.name} ({spec.path})")
     values = [str(v) for v in values]
     classes = layout.classes or sorted(set(values))
     index = {c: i for i, c in enumerate(classes)}

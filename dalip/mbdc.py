@@ -11,6 +11,9 @@ import torch.nn.functional as F
 from torch import nn
 
 from dalip import DalipError
+from dalip.config import MBDCOptions
+
+_DEFAULTS = MBDCOptions()  # the defaults live in the config model, once
 
 # Fill value for masked cosine similarities: cosines lie in [-1, 1], so exp(-1e4) is exactly 0 in
 # every float format and a row with nothing valid gives finite (then zeroed) weights, never NaN.
@@ -83,11 +86,11 @@ class MBDC(nn.Module):
     def __init__(
         self,
         embed_dim: int,
-        heads: int = 4,
-        reduce_dim: int = 46,
-        dropout: float = 0.5,
-        learnable_temperature: bool = False,
-        hidden_linear: bool = False,
+        heads: int = _DEFAULTS.heads,
+        reduce_dim: int = _DEFAULTS.reduce_dim,
+        dropout: float = _DEFAULTS.dropout,
+        learnable_temperature: bool = _DEFAULTS.learnable_temperature,
+        hidden_linear: bool = _DEFAULTS.hidden_linear,
         eps: float = 1e-5,
     ):
         super().__init__()

@@ -9,6 +9,7 @@ open_clip's own pooling rules and equal its encode_image / encode_text exactly (
 from __future__ import annotations
 
 import json
+import pickle
 from pathlib import Path
 from typing import Any, Callable
 
@@ -18,13 +19,17 @@ import torch.nn.functional as F
 from open_clip.transformer import TextTransformer, VisionTransformer
 from torch import nn
 
+from safetensors import SafetensorError
+
 from dalip import DalipError
+from dalip.config import MBDCOptions
+from dalip.errors import first_line
 from dalip.mbdc import MBDC
 
 MODEL_CONFIG_DIR = Path(__file__).parent / "model_configs"
 open_clip.add_model_config(MODEL_CONFIG_DIR)
 
-MBDC_OPTIONS = ("heads", "reduce_dim", "dropout", "learnable_temperature", "hidden_linear")
+MBDC_OPTIONS = tuple(MBDCOptions.model_fields)
 PRECISIONS = ("fp32", "amp", "amp_bf16", "amp_bfloat16", "bf16", "fp16", "pure_bf16", "pure_fp16")
 CONFIG_KEYS = ("embed_dim", "vision_cfg", "text_cfg")
 
@@ -236,10 +241,18 @@ def create_model(
     try:
         base, preprocess_train, preprocess_val = open_clip.create_model_and_transforms(
             name, pretrained=pretrained, precision=precision, device=device)
-    except RuntimeError as err:
-        if pretrained and "not found" in str(err):
+    except pickle.UnpicklingError:
+        # torch's own text suggests weights_only=False, i.e. running the file's code: never do that
+        raise DalipError(
+            f"--pretrained {pretrained}: refused: the file holds pickled objects other than tensors, which could "
+            "run code; give safetensors or a torch file of tensors only"
+        ) from None
+    except (RuntimeError, OSError, EOFError, ValueError, SafetensorError) as err:
+        if not pretrained:
+            raise
+        if "not found" in str(err):
             raise DalipError(f"pretrained weights {pretrained!r} not found for model {name}") from None
-        raise
+        raise DalipError(f"--pretrained {pretrained}: cannot load it into {name} ({first_line(err)})") from None
     model = DALIP(base, mbdc)
     dtype = {"pure_bf16": torch.bfloat16, "pure_fp16": torch.float16}.get(precision, torch.float32)
     for module in (model.mbdc_image, model.mbdc_text):

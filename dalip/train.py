@@ -40,6 +40,7 @@ from dalip.checkpoint import (
 from dalip.config import TrainConfig
 from dalip.data import DataPosition, TrainData, build_train_data, describe_sources, expand_shards
 from dalip.errors import DalipError, NonFiniteLossError
+from dalip.lock import directory_lock
 
 log = logging.getLogger(__name__)
 
@@ -187,11 +188,18 @@ def read_train_log(run_dir: Path) -> list[dict[str, float]]:
 
 def train(cfg: TrainConfig) -> dict[str, Any]:
     """Train DALIP (or the CLIP baseline) as configured; returns a summary of the finished run."""
+    expand_shards(cfg.train_data)  # fail fast on a wrong path, before building anything
+    ddp = setup_distributed(cfg.device)
+    # One training per run dir: a second `dalip train` on it refuses with one line. Rank 0 holds the
+    # lock (only rank 0 writes to the run dir; a flock per rank would refuse the run's own ranks).
+    with directory_lock(cfg.run_dir, "dalip train") if ddp.is_main else contextlib.nullcontext():
+        return _train(cfg, ddp)
+
+
+def _train(cfg: TrainConfig, ddp: Dist) -> dict[str, Any]:
     from dalip.loss import DALIPLoss
     from dalip.model import create_model
 
-    expand_shards(cfg.train_data)  # fail fast on a wrong path, before building anything
-    ddp = setup_distributed(cfg.device)
     run_dir = cfg.run_dir
     seed_everything(cfg.seed, cfg.deterministic)
 
@@ -213,7 +221,7 @@ def train(cfg: TrainConfig) -> dict[str, Any]:
 
     # Model, loss. Same seed on every rank, so every rank builds identical initial weights.
     model, preprocess_train, _, tokenizer = create_model(
-        cfg.model, pretrained=cfg.pretrained, mbdc=cfg.mbdc, device=ddp.device, model_config_path=cfg.model_config_path
+        cfg.model, pretrained=cfg.pretrained, mbdc=cfg.mbdc.model_dump(), device=ddp.device, model_config_path=cfg.model_config_path
     )
     if cfg.loss == "clip":  # the baseline leaves the MBDC modules out of the graph: freeze them
         for module in (model.mbdc_image, model.mbdc_text):
@@ -419,7 +427,7 @@ def _save(cfg, ddp, step, model, optimizer, scaler, position: DataPosition, data
         meta = {
             "epoch": position.epoch,
             "model": cfg.model,
-            "mbdc": cfg.mbdc,
+            "mbdc": cfg.mbdc.model_dump(),
             "model_config_path": cfg.model_config_path,
             "loss": cfg.loss,
             "alpha": cfg.alpha,

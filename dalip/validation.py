@@ -13,9 +13,10 @@ import logging
 from typing import Any, Callable, Iterator, Literal
 
 import torch
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import Field
 from torch.utils.data import DataLoader
 
+from dalip.config import Name, StrictConfig
 from dalip.data import EvalShards, decode_caption, decode_image, expand_shards, parse_caption_field, read_shard
 from dalip.errors import DalipError
 from dalip.loss import DALIPLoss
@@ -26,12 +27,10 @@ LOSS_BATCH_SIZE = 32
 LOSS_KINDS = ("first", "second", "combined")
 
 
-class ValidationSpec(BaseModel):
+class ValidationSpec(StrictConfig):
     """Domain-pure held-out image–text pairs, as shards."""
 
-    model_config = ConfigDict(extra="forbid")
-
-    name: str
+    name: Name
     shards: str
     domain: Literal["plant", "general"]
     caption_field: str = Field("txt", description="txt or a .json key; comma = fallbacks")

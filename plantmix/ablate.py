@@ -17,7 +17,6 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any, Literal
 
-import yaml
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 from rich.console import Console
 
@@ -116,12 +115,12 @@ class AblationFile(_Strict):
 
 def load_ablation(path: Path) -> tuple[AblationConfig, Any]:
     """(ablation, recipe or None) from a recipe with an `ablation:` section or an ablation-only file."""
-    from plantmix.core.recipe import load_recipe
+    from plantmix.core.recipe import load_recipe, load_yaml
 
     path = Path(path)
     if not path.is_file():
         raise PlantmixError(f"{path}: file not found")
-    data = yaml.safe_load(path.read_text()) or {}
+    data = load_yaml(path, "ablation") or {}
     if isinstance(data, dict) and "sources" in data:
         recipe = load_recipe(path)
         if recipe.ablation is None:
@@ -171,12 +170,13 @@ def eval_steps(cfg: AblationConfig) -> list[int]:
 
 
 def load_eval_config(cfg: AblationConfig):
+    from dalip.config import load_yaml_mapping
     from dalip.evaluate import EvalConfig
 
     path = Path(cfg.eval.config)
     if not path.is_file():
         raise PlantmixError(f"eval config not found: {path}")
-    eval_cfg = EvalConfig(**(yaml.safe_load(path.read_text()) or {}))
+    eval_cfg = EvalConfig(**load_yaml_mapping(path, "eval config"))
     domains = sorted(v.domain for v in eval_cfg.validation)
     if domains != ["general", "plant"]:
         raise PlantmixError(f"{path}: needs exactly one `validation` set per domain (plant, general); has {domains or 'none'}")

@@ -17,6 +17,7 @@ app = typer.Typer(
     no_args_is_help=True,
     add_completion=False,
     pretty_exceptions_enable=False,
+    rich_markup_mode=None,  # plain help: rich markup would eat every "[default: ...]" of our help texts
 )
 console = Console(stderr=True)
 
@@ -27,10 +28,10 @@ def build(
     out: Optional[Path] = typer.Option(None, "--out", "-o", help="Build directory [default: builds/<recipe name>]."),
     dry_run: bool = typer.Option(False, "--dry-run", help="Validate the recipe and print the plan; touch nothing."),
     distributor: Optional[str] = typer.Option(
-        None, "--distributor", help="img2dataset distributor: multiprocessing or pyspark (overrides the recipe)."
+        None, "--distributor", help="img2dataset distributor: multiprocessing or pyspark [default: the recipe's download.distributor]."
     ),
     until: Optional[str] = typer.Option(
-        None, "--until", help="Stop after this stage: ingest, download, hashes, join, filter, dedup, decide, report, mix."
+        None, "--until", help="Stop after this stage: ingest, download, hashes, join, filter, dedup, decide, report, mix [default: run them all]."
     ),
 ) -> None:
     """Run a recipe end to end. Finished stages are skipped; an interrupted build resumes."""
@@ -66,19 +67,24 @@ def mix(
     general: Optional[int] = typer.Option(None, "--general", help="Absolute general rows."),
     seed: int = typer.Option(0, "--seed", help="Selection and shuffle seed."),
     name: Optional[str] = typer.Option(None, "--name", help="Mix name [default: from ratio/total/seed]."),
-    per_taxon_cap: Optional[int] = typer.Option(None, "--per-taxon-cap", help="At most K rows per species."),
-    per_genus_cap: Optional[int] = typer.Option(None, "--per-genus-cap", help="At most K rows per genus."),
-    per_family_cap: Optional[int] = typer.Option(None, "--per-family-cap", help="At most K rows per family."),
-    source_weight: list[str] = typer.Option([], "--source-weight", help="SRC=W: sampling weight of a source within its domain (repeatable)."),
+    per_taxon_cap: Optional[int] = typer.Option(None, "--per-taxon-cap", help="At most K rows per species [default: no cap]."),
+    per_genus_cap: Optional[int] = typer.Option(None, "--per-genus-cap", help="At most K rows per genus [default: no cap]."),
+    per_family_cap: Optional[int] = typer.Option(None, "--per-family-cap", help="At most K rows per family [default: no cap]."),
+    source_weight: list[str] = typer.Option([], "--source-weight", help="SRC=W: sampling weight of a source within its domain (repeatable) [default: 1 for every source]."),
     allow_repeat: bool = typer.Option(False, "--allow-repeat", help="Repeat rows (keys uid-0, uid-1, ...) when a domain falls short."),
     shard_size: int = typer.Option(10_000, "--shard-size", help="Samples per output shard."),
     caption_field: str = typer.Option("caption", "--caption-field", help="Manifest column written as <key>.txt."),
     workers: int = typer.Option(1, "--workers", help="Processes for indexing and shard writing."),
     max_epochs: Optional[float] = typer.Option(
-        None, "--max-epochs", help="Ratio grids: most passes over a domain's pool with --allow-repeat (default: 15)."
+        None, "--max-epochs", help="Ratio grids: most passes over a domain's pool with --allow-repeat [default: 15]."
+    ),
+    force: bool = typer.Option(
+        False, "--force", help="Replace an existing mix of this name made with other options or from an older build manifest."
     ),
 ) -> None:
-    """Select a plant/general mix (hash-ordered, nested across sizes) and write shuffled webdataset shards."""
+    """Select a plant/general mix (hash-ordered, nested across sizes) and write shuffled webdataset shards.
+
+    Rerunning a finished mix checks it first and redoes only what is missing or damaged."""
     from plantmix.mix.spec import make_spec
     from plantmix.mix.run import run_mix
 
@@ -86,7 +92,7 @@ def mix(
         _mix_grid(build_dir, ratio, total, name, max_epochs, workers, seed=seed,
                   per_taxon_cap=per_taxon_cap, per_genus_cap=per_genus_cap, per_family_cap=per_family_cap,
                   source_weights=source_weight, allow_repeat=allow_repeat, shard_size=shard_size,
-                  caption_field=caption_field, plant=plant, general=general)  # fmt: skip
+                  caption_field=caption_field, plant=plant, general=general, force=force)  # fmt: skip
         return
     if ratio is not None:
         from plantmix.mix.grid import parse_ratios
@@ -98,7 +104,7 @@ def mix(
         source_weights=source_weight, allow_repeat=allow_repeat, shard_size=shard_size,
         caption_field=caption_field,
     )  # fmt: skip
-    out = run_mix(build_dir, spec, workers=workers)
+    out = run_mix(build_dir, spec, workers=workers, force=force, console=console)
     console.print(f"[green]✓[/] mix → {out}", highlight=False)
 
 
@@ -170,14 +176,22 @@ def dedup_report(
 def verify(
     shards_dir: Path = typer.Argument(..., help="A mix's shards directory (BUILD/mixes/NAME/shards)."),
     workers: int = typer.Option(1, "--workers", help="Processes reading shards."),
+    repair: bool = typer.Option(
+        False, "--repair", help="Rewrite what is missing or fails the check (shards, dataset.json, card) from the build, then check again."
+    ),
 ) -> None:
     """Re-read every shard: counts against dataset.json, every image decodes, image sha256 against
     the shard's parquet (the hash of the bytes as written to the shard, not the manifest's sha256 of
     the originally downloaded bytes, which img2dataset may have resized or re-encoded). Exits 1 on
-    any mismatch."""
+    any mismatch (after --repair: on any that remains)."""
     from plantmix.mix.verify import print_report, verify_shards
 
-    report = verify_shards(shards_dir, workers=workers)
+    if repair:
+        from plantmix.mix.run import repair_mix
+
+        report = repair_mix(shards_dir, workers=workers, console=console)
+    else:
+        report = verify_shards(shards_dir, workers=workers)
     print_report(report, Console())
     if not report.ok:
         raise typer.Exit(1)
@@ -186,7 +200,7 @@ def verify(
 @app.command()
 def ablate(
     recipe: Path = typer.Argument(..., help="A recipe with an `ablation:` section, or an ablation-only YAML."),
-    build_dir: Optional[Path] = typer.Option(None, "--build", help="Build directory (default: ablation.build, else builds/<recipe name>)."),
+    build_dir: Optional[Path] = typer.Option(None, "--build", help="Build directory [default: ablation.build, else builds/<recipe name>]."),
     dry_run: bool = typer.Option(False, "--dry-run", help="Print the plan (runs, samples seen, GPU-hours); touch nothing."),
 ) -> None:
     """Mixing-law ablation: ratio grid → mixes → proxy dalip runs → per-domain eval → fit → suggest →
@@ -206,6 +220,7 @@ def ablate(
 mixlaw_app = typer.Typer(
     help="Data mixing laws: fit L(r) = c + k*exp(t*r) per validation domain, suggest the plant share r*.",
     no_args_is_help=True,
+    rich_markup_mode=None,
 )
 app.add_typer(mixlaw_app, name="mixlaw")
 
@@ -214,9 +229,9 @@ app.add_typer(mixlaw_app, name="mixlaw")
 def mixlaw_fit(
     points: Path = typer.Argument(..., help="csv/parquet with columns ratio, domain, loss (optional: seed, step, metric)."),
     out: Path = typer.Option(..., "--out", "-o", help="Output directory for mixlaw.json and mixlaw.png."),
-    metric: Optional[str] = typer.Option(None, "--metric", help="Metric to fit when the points hold several (default: combined)."),
+    metric: Optional[str] = typer.Option(None, "--metric", help="Metric to fit when the points hold several [default: combined]."),
     target_step: Optional[int] = typer.Option(
-        None, "--target-step", help="Fit a step law per ratio and the mixing law on its predictions at this step (default: off, the last step of each run)."
+        None, "--target-step", help="Fit a step law per ratio and the mixing law on its predictions at this step [default: off, the last step of each run]."
     ),
 ) -> None:
     """Fit the mixing law per domain (two-stage and joint fits, the better on held-out ratios)."""
@@ -238,10 +253,10 @@ def mixlaw_suggest(
     ),
     reference_ratio: Optional[float] = typer.Option(None, "--reference-ratio", help="Reference: the law's general loss at this r."),
     reference_loss: Optional[float] = typer.Option(None, "--reference-loss", help="Reference: this general loss (e.g. the starting checkpoint's)."),
-    plant_pool: Optional[int] = typer.Option(None, "--plant-pool", help="Kept plant rows available (default: from mixlaw.json)."),
-    target_total: Optional[int] = typer.Option(None, "--target-total", help="Samples of the target mix (default: from mixlaw.json)."),
-    max_epochs: Optional[float] = typer.Option(None, "--max-epochs", help="Most passes over the plant pool (default: 15)."),
-    out: Optional[Path] = typer.Option(None, "--out", "-o", help="Output file (default: DIR/suggest.json)."),
+    plant_pool: Optional[int] = typer.Option(None, "--plant-pool", help="Kept plant rows available [default: from mixlaw.json]."),
+    target_total: Optional[int] = typer.Option(None, "--target-total", help="Samples of the target mix [default: from mixlaw.json]."),
+    max_epochs: Optional[float] = typer.Option(None, "--max-epochs", help="Most passes over the plant pool [default: 15]."),
+    out: Optional[Path] = typer.Option(None, "--out", "-o", help="Output file [default: DIR/suggest.json]."),
 ) -> None:
     """Suggest r*, bounded by the plant pool's repeat limit; prints it with the predicted losses."""
     from plantmix.mixlaw.fit import MixingLaw

@@ -46,3 +46,29 @@ def test_atomic_path_replaces_a_directory_or_leaves_it(tmp_path):
         tmp.mkdir()
         (tmp / "b").write_text("3")
     assert sorted(p.name for p in target.iterdir()) == ["b"]
+
+
+def test_directory_lock_refuses_a_second_holder_and_survives_a_killed_one(tmp_path):
+    import pytest
+
+    from dalip import DalipError
+    from dalip.lock import directory_lock
+
+    run = tmp_path / "run"
+    hold = f"from dalip.lock import directory_lock\nwith directory_lock({str(run)!r}):\n    print('held', flush=True)\n    import time; time.sleep(60)"
+    holder = subprocess.Popen([sys.executable, "-c", hold], cwd=ROOT, stdout=subprocess.PIPE, text=True)
+    try:
+        assert holder.stdout.readline().strip() == "held"
+        with pytest.raises(DalipError, match=rf"run: another dalip train is running here \(pid {holder.pid} on .+, started "):
+            with directory_lock(run):
+                pass
+    finally:
+        holder.kill()  # SIGKILL: no cleanup runs, the lock file stays behind
+        holder.wait()
+    assert (run / ".lock").is_file()
+    with directory_lock(run) as lock:  # the kernel released the dead holder's lock: taken over at once
+        assert f'"pid": {__import__("os").getpid()}' in lock.read_text()
+    (tmp_path / "file").write_text("x")
+    with pytest.raises(DalipError, match="exists and is not a directory"):
+        with directory_lock(tmp_path / "file"):
+            pass

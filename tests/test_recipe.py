@@ -47,6 +47,9 @@ def test_hash_ignores_formatting(tmp_path):
         ("name: t\nsources: [\n", "invalid YAML"),
         ("- just a list\n", "must be a YAML mapping"),
         (GOOD + "    columns: {link: URL}\n", "unknown target column"),
+        (GOOD + "seed: 1\nseed: 2\n", "duplicate key 'seed'"),
+        (GOOD + "x: &a [1, 2]\ny: *a\n", "anchors and aliases"),
+        (GOOD + "mix:\n  - {name: m, plant: 1}\n  - {name: m, general: 1}\n", "mix names must be unique; repeated: ['m']"),
     ],
 )
 def test_bad_recipe_one_clear_line(tmp_path, text, needle):

@@ -3,6 +3,7 @@ verify, crash/resume, the dataset card and the CLI."""
 
 from __future__ import annotations
 
+import io
 import json
 import math
 import os
@@ -18,6 +19,7 @@ import pytest
 import webdataset as wds
 from typer.testing import CliRunner
 
+from locking import wait_for_holder
 from mixbuild import make_build
 from plantmix.cli import app
 from plantmix.core.errors import PlantmixError
@@ -222,3 +224,149 @@ def test_open_clip_trainer_reads_the_shards(tmp_path, mix_dir):
     losses = [float(x) for x in re.findall(r"Contrastive_loss: ([-\d.naninf]+)", log)]
     assert len(losses) >= 8 and all(math.isfinite(x) for x in losses)
     assert "Handling webdataset error" not in log
+
+
+# ---- concurrent mixes, self-repair, provenance -----------------------------------------------------
+
+CLI_ARGS = ["--name", "m77", "--ratio", "0.77", "--total", "200", "--seed", "1", "--per-taxon-cap", "100", "--shard-size", "30"]
+
+
+def mix_files(d: Path) -> dict[str, bytes]:
+    """Every file of a mix (markers included) but its lock, by path relative to the mix."""
+    return {str(p.relative_to(d)): p.read_bytes() for p in sorted(d.rglob("*")) if p.is_file() and p.name != ".lock"}
+
+
+def build_copy(build: Path, dest: Path, recipe_hash: str = "r123") -> Path:
+    """A copy of the module's build (no mixes) with a recipe.lock.yaml naming `recipe_hash`."""
+    shutil.copytree(build, dest, ignore=shutil.ignore_patterns("mixes"))
+    (dest / "recipe.lock.yaml").write_text(f"recipe_hash: {recipe_hash}\nrecipe: {{}}\n")
+    return dest
+
+
+def plantmix(*args: str) -> subprocess.CompletedProcess:
+    return subprocess.run([PLANTMIX, *args], capture_output=True, text=True, timeout=300)
+
+
+@pytest.mark.slow
+def test_rerun_repairs_exactly_the_damage_and_ends_byte_identical(tmp_path, build, mix_dir):
+    b = build_copy(build, tmp_path / "b")
+    first = plantmix("mix", str(b), *CLI_ARGS)
+    assert first.returncode == 0, first.stderr
+    mix = b / "mixes" / "m77"
+    original = mix_files(mix)
+    assert {k: v for k, v in original.items() if k.startswith("shards/")} == {
+        f"shards/{k}": v for k, v in files(mix_dir / "shards").items()
+    }  # the recipe hash now comes from the build's lock file: the same mix as run_mix(recipe_hash="r123")
+    assert json.loads((mix / "dataset.json").read_text())["recipe_hash"] == "r123"
+
+    shards = mix / "shards"
+    untouched = {p.name: p.stat().st_mtime_ns for p in shards.glob("0*") if not p.name.startswith(("00002.", "00004."))}
+    (shards / "00002.tar").unlink()
+    with open(shards / "00004.tar", "r+b") as f:
+        f.truncate(5000)
+    (mix / "dataset.json").write_text('{"samples": 1}\n')
+    rerun = plantmix("mix", str(b), *CLI_ARGS)
+    assert rerun.returncode == 0, rerun.stderr
+    assert "redoing" in rerun.stderr and "shards/00002.tar" in rerun.stderr and "dataset.json" in rerun.stderr
+    assert mix_files(mix) == original
+    assert {n: t for n, t in ((p.name, p.stat().st_mtime_ns) for p in shards.iterdir()) if n in untouched} == untouched
+    assert plantmix("verify", str(shards)).returncode == 0
+
+    # a change the markers cannot see (same size, mtime put back) is found by verify and fixed by --repair
+    with tarfile.open(shards / "00001.tar") as tf:
+        victim = next(m for m in tf.getmembers() if m.name.endswith(".jpg"))
+    stat = (shards / "00001.tar").stat()
+    with open(shards / "00001.tar", "r+b") as f:
+        f.seek(victim.offset_data + 3)
+        byte = f.read(1)
+        f.seek(-1, os.SEEK_CUR)
+        f.write(bytes([byte[0] ^ 0xFF]))
+    os.utime(shards / "00001.tar", ns=(stat.st_atime_ns, stat.st_mtime_ns))
+    assert plantmix("verify", str(shards)).returncode == 1
+    repaired = plantmix("verify", str(shards), "--repair")
+    assert repaired.returncode == 0, repaired.stdout + repaired.stderr
+    assert mix_files(mix) == original
+
+
+@pytest.mark.slow
+def test_a_mix_of_an_existing_name_with_other_inputs_needs_force(tmp_path, build):
+    b = build_copy(build, tmp_path / "b")
+    assert plantmix("mix", str(b), *CLI_ARGS).returncode == 0
+    other = [*CLI_ARGS[:3], "0.5", "--total", "100", *CLI_ARGS[6:]]
+    refused = plantmix("mix", str(b), *other)
+    assert refused.returncode == 2 and refused.stderr.count("\n") == 1, refused.stderr
+    assert re.fullmatch(r"error: .*a mix named 'm77' exists with other inputs \(ratio 0\.77 → 0\.5; total 200 → 100\); pass --force.*\n", refused.stderr)
+    forced = plantmix("mix", str(b), *other, "--force")
+    assert forced.returncode == 0, forced.stderr
+    info = json.loads((b / "mixes" / "m77" / "dataset.json").read_text())
+    assert info["requested"]["ratio"] == 0.5 and info["num_shards"] == 4
+    assert sorted(p.name for p in (b / "mixes" / "m77" / "shards").glob("*.tar")) == [f"0000{i}.tar" for i in range(4)]
+
+    # the build manifest rewritten (a rebuild): the mix made from the old one is not silently replaced
+    t = pq.read_table(b / "manifest.parquet")
+    pq.write_table(t.slice(0, t.num_rows - 1), b / "manifest.parquet", row_group_size=100)
+    stale = plantmix("mix", str(b), *other)
+    assert stale.returncode == 2 and "the build manifest changed since" in stale.stderr
+
+
+@pytest.mark.slow
+def test_two_concurrent_mixes_of_one_name_the_second_refuses(tmp_path, build, mix_dir):
+    b = build_copy(build, tmp_path / "b")
+    slow = f"""
+import sys, time
+sys.path.insert(0, {str(Path(__file__).parent)!r})
+import webdataset as wds
+from plantmix.mix.run import run_mix
+from plantmix.mix.spec import make_spec
+write = wds.TarWriter.write
+def slow_write(self, obj):
+    time.sleep(0.02)
+    return write(self, obj)
+wds.TarWriter.write = slow_write
+run_mix({str(b)!r}, make_spec(name="m77", **{SPEC!r}), recipe_hash="r123")
+"""
+    holder = subprocess.Popen([PY, "-c", slow], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        wait_for_holder(b / "mixes" / "m77" / ".lock", holder)
+        second = plantmix("mix", str(b), *CLI_ARGS)
+        assert second.returncode == 2 and second.stderr.count("\n") == 1, second.stderr
+        assert re.fullmatch(rf"error: .*m77: another plantmix mix is running here \(pid {holder.pid} on .+, started .+\); wait.*\n", second.stderr)
+        out, err = holder.communicate(timeout=300)
+    finally:
+        holder.kill()
+    assert holder.returncode == 0, err
+    mix = b / "mixes" / "m77"
+    assert files(mix / "shards") == files(mix_dir / "shards")
+    assert (mix / "dataset.json").read_bytes() == (mix_dir / "dataset.json").read_bytes()
+    # the holder is gone: its lock is free again and a rerun is a no-op
+    assert plantmix("mix", str(b), *CLI_ARGS).returncode == 0
+
+
+def test_the_build_mix_stage_skips_intact_mixes_repairs_damaged_ones_and_follows_the_recipe(tmp_path, build):
+    import contextlib
+
+    from rich.console import Console
+
+    from plantmix.build import BuildContext
+    from plantmix.core.recipe import Recipe
+    from plantmix.core.stage import run_stage
+    from plantmix.mix.steps import mix_stage
+
+    b = build_copy(build, tmp_path / "b")
+    entry = {"name": "m77", **SPEC}
+    recipe = Recipe.model_validate({"name": "r", "sources": [{"name": "s", "domain": "plant", "format": "url_list", "path": "x.csv"}],
+                                    "resources": {"workers": 1}, "mix": [entry]})  # fmt: skip
+
+    def stage(r: Recipe):
+        return run_stage(mix_stage(BuildContext(r, b, tmp_path, None, Console(file=io.StringIO()), contextlib.ExitStack())))
+
+    assert stage(recipe).ran
+    mix = b / "mixes" / "m77"
+    original = mix_files(mix)
+    assert json.loads((mix / "dataset.json").read_text())["recipe_hash"] == recipe.hash()
+    assert not stage(recipe).ran
+    (mix / "shards" / "00003.tar").unlink()
+    assert stage(recipe).ran and mix_files(mix) == original
+    # the recipe's entry changed: the build replaces its own mix (no --force to give there)
+    changed = recipe.model_copy(update={"mix": [recipe.mix[0].model_copy(update={"total": 100})]})
+    assert stage(changed).ran and json.loads((mix / "dataset.json").read_text())["samples"] == 100

@@ -10,6 +10,7 @@ from typing import Literal
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
+from dalip.config import StrictYamlLoader, yaml_error_line
 from plantmix.ablate import AblationConfig
 from plantmix.core.errors import PlantmixError
 from plantmix.mix.spec import MixSpec
@@ -259,6 +260,10 @@ class Recipe(_Strict):
         dup = sorted({n for n in names if names.count(n) > 1})
         if dup:
             raise ValueError(f"source names must be unique; repeated: {dup}")
+        mixes = [m.resolved_name() for m in self.mix or []]
+        dup = sorted({n for n in mixes if mixes.count(n) > 1})
+        if dup:  # two entries would write one directory, each replacing the other on every rerun
+            raise ValueError(f"mix names must be unique; repeated: {dup}")
         if any("{demo}" in s.path for s in self.sources) and self.demo_world is None:
             raise ValueError("a source path uses {demo} but the recipe has no demo_world section")
         needs = [n for n in ("clip_score", "relevance", "semantic_dedup") if getattr(self, n) is not None]
@@ -293,21 +298,26 @@ def _format_error(path: Path, err: ValidationError) -> str:
     return f"{path}: field '{loc}': {msg}{more}"
 
 
-def load_recipe(path: str | Path) -> Recipe:
-    """Read and validate a recipe; raise PlantmixError with one clear line on any problem."""
+def load_yaml(path: str | Path, what: str = "recipe") -> object:
+    """A user YAML file (recipe, ablation) through dalip's StrictYamlLoader (no anchors or aliases, no
+    repeated keys; one loader for both packages); one-line PlantmixError naming file and line."""
     path = Path(path)
     try:
         text = path.read_text()
     except FileNotFoundError:
-        raise PlantmixError(f"{path}: recipe file not found") from None
+        raise PlantmixError(f"{path}: {what} file not found") from None
     except (OSError, UnicodeDecodeError) as e:
-        raise PlantmixError(f"{path}: cannot read recipe: {e}") from None
+        raise PlantmixError(f"{path}: cannot read {what}: {e}") from None
     try:
-        data = yaml.safe_load(text)
+        return yaml.load(text, Loader=StrictYamlLoader)  # noqa: S506 (a SafeLoader subclass)
     except yaml.YAMLError as e:
-        mark = getattr(e, "problem_mark", None)
-        where = f" at line {mark.line + 1}" if mark else ""
-        raise PlantmixError(f"{path}: invalid YAML{where}: {getattr(e, 'problem', e)}") from None
+        raise PlantmixError(f"{path}: invalid YAML: {yaml_error_line(e)}") from None
+
+
+def load_recipe(path: str | Path) -> Recipe:
+    """Read and validate a recipe; raise PlantmixError with one clear line on any problem."""
+    path = Path(path)
+    data = load_yaml(path)
     if not isinstance(data, dict):
         raise PlantmixError(f"{path}: a recipe must be a YAML mapping, got {type(data).__name__}")
     try:

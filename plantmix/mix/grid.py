@@ -83,9 +83,10 @@ def run_grid(
     max_epochs: float | None = None,
     workers: int = 1,
     recipe_hash: str | None = None,
+    force: bool = False,
     **options: Any,
 ) -> list[Path]:
     """Write one mix per ratio (each resumable through run_mix); return their directories."""
     specs = grid_specs(ratios, total, name_prefix, **options)
     check_repeats(specs, available_rows(build_dir, specs[0]), max_epochs)
-    return [run_mix(build_dir, spec, recipe_hash=recipe_hash, workers=workers) for spec in specs]
+    return [run_mix(build_dir, spec, recipe_hash=recipe_hash, workers=workers, force=force) for spec in specs]

@@ -9,8 +9,9 @@ sequential reads. Captions and metadata come from the manifest, not from the dow
 Output per shard: `NNNNN.tar` (members `<key>.jpg|png|webp`, `<key>.json`, `<key>.txt`, sorted by
 name within a sample, fixed mtime/owner/mode so equal input gives equal bytes), `NNNNN.parquet`
 (one row per sample, including the sha256 of the image bytes as written) and the stage marker
-`NNNNN.tar.done.json`. Each shard is written atomically and independently: an interrupted run
-resumes at the first missing shard.
+`NNNNN.tar.done.json` (the size and sha256 of the tar and of its parquet). Each shard is written
+atomically and independently: a rerun rewrites exactly the shards that are missing or no longer
+match their marker (an interrupted run, a deleted or truncated shard).
 """
 
 from __future__ import annotations
@@ -36,7 +37,8 @@ from plantmix.core.errors import PlantmixError
 from plantmix.core.members import IMAGE_EXTS, split_member
 from plantmix.core.pools import worker_pool
 from plantmix.core.schema import CAPTION_TEMPLATES, TAXON_RANKS
-from plantmix.core.stage import atomic_path, atomic_write_text, fingerprint, is_done, mark_done, write_parquet
+from plantmix.core.stage import atomic_path, atomic_write_text, fingerprint, mark_done, write_parquet
+from plantmix.mix.verify import file_record, output_intact
 
 TAR_MTIME = 0  # fixed so that identical input gives byte-identical shards
 _COALESCE_GAP = 256 << 10  # read through gaps this small instead of seeking
@@ -62,6 +64,16 @@ SHARD_SCHEMA = pa.schema(
 
 def shard_stem(i: int) -> str:
     return f"{i:05d}"
+
+
+def shard_key(select_key: str, i: int) -> str:
+    """The fingerprint shard i of a selection is written (and checked) with."""
+    return fingerprint({"select": select_key, "shard": i, "version": _SHARD_VERSION})
+
+
+def shard_intact(shards_dir: Path, select_key: str, i: int) -> bool:
+    """Shard i's tar and parquet exist and match its marker (see plantmix.mix.verify)."""
+    return output_intact(Path(shards_dir) / f"{shard_stem(i)}.tar", shard_key(select_key, i), "parquet")
 
 
 # ---- where the bytes are ----------------------------------------------------------------------
@@ -219,7 +231,7 @@ def write_shard(build_dir: Path, mix_dir: Path, i: int, caption_field: str, key:
     records = []
     tar_path = shards_dir / f"{shard_stem(i)}.tar"
     with atomic_path(tar_path) as tmp:
-        with open(tmp, "wb") as f, wds.TarWriter(f, user="", group="", mode=0o644, mtime=TAR_MTIME, encoder=False) as w:
+        with open(tmp, "wb") as raw, wds.TarWriter(f := HashingWriter(raw), user="", group="", mode=0o644, mtime=TAR_MTIME, encoder=False) as w:
             for row, ext, image in zip(rows, exts, images):
                 text = row.get(caption_field) or row.get("caption") or ""
                 meta = json.dumps(sample_meta(row, text), sort_keys=True, ensure_ascii=False)
@@ -229,9 +241,27 @@ def write_shard(build_dir: Path, mix_dir: Path, i: int, caption_field: str, key:
                      hashlib.sha256(image).hexdigest(), row["shard"], row["key"], row["mix_position"])
                 )  # fmt: skip
     table = pa.Table.from_pylist([dict(zip(SHARD_SCHEMA.names, r)) for r in records], schema=SHARD_SCHEMA)
-    write_parquet(table, shards_dir / f"{shard_stem(i)}.parquet")
-    mark_done(tar_path, key, samples=len(rows))
+    parquet = shards_dir / f"{shard_stem(i)}.parquet"
+    write_parquet(table, parquet)
+    tar_record = {"bytes": f.size, "sha256": f.sha256.hexdigest()}  # hashed on the way out: no second read
+    mark_done(tar_path, key, samples=len(rows), file=tar_record, parquet=file_record(parquet))
     return len(rows)
+
+
+class HashingWriter:
+    """A write-only stream (what TarWriter's stream mode needs) that forwards to `raw` and keeps the
+    sha256 and size of everything written."""
+
+    def __init__(self, raw) -> None:  # noqa: ANN001 (a binary file)
+        self.raw, self.sha256, self.size = raw, hashlib.sha256(), 0
+
+    def write(self, data: bytes) -> int:
+        self.sha256.update(data)
+        self.size += len(data)
+        return self.raw.write(data)
+
+    def flush(self) -> None:
+        self.raw.flush()
 
 
 def _write_shard_job(args: tuple) -> int:
@@ -258,30 +288,31 @@ def write_shards(
     *,
     select_key: str,
     recipe_hash: str | None = None,
+    manifest_fingerprint: str | None = None,
     workers: int = 1,
 ) -> dict:
-    """Write every missing shard of a selected mix, then sizes.json and dataset.json; return the latter."""
+    """Write every missing or damaged shard of a selected mix, then sizes.json and dataset.json;
+    return the latter."""
     build_dir, mix_dir = Path(build_dir), Path(mix_dir)
     mix_manifest = mix_dir / "manifest.parquet"
     index = mix_dir / "source_index.parquet"
-    if not is_done(index, select_key):
+    if not output_intact(index, select_key):
         build_source_index(build_dir, mix_manifest, index, workers)
-        mark_done(index, select_key)
+        mark_done(index, select_key, file=file_record(index))
     num_shards = pq.ParquetFile(mix_manifest).metadata.num_row_groups
     shards_dir = mix_dir / "shards"
     shards_dir.mkdir(parents=True, exist_ok=True)
     _clean(shards_dir, num_shards)
 
-    keys = [fingerprint({"select": select_key, "shard": i, "version": _SHARD_VERSION}) for i in range(num_shards)]
     todo = [
-        (build_dir, mix_dir, i, spec.caption_field, keys[i])
+        (build_dir, mix_dir, i, spec.caption_field, shard_key(select_key, i))
         for i in range(num_shards)
-        if not (is_done(shards_dir / f"{shard_stem(i)}.tar", keys[i]) and (shards_dir / f"{shard_stem(i)}.parquet").exists())
+        if not shard_intact(shards_dir, select_key, i)
     ]
     for _ in _map(_write_shard_job, todo, workers):
         pass
 
-    info = dataset_info(mix_dir, spec, recipe_hash=recipe_hash, select_key=select_key)
+    info = dataset_info(mix_dir, spec, recipe_hash=recipe_hash, select_key=select_key, manifest_fingerprint=manifest_fingerprint)
     atomic_write_text(shards_dir / "sizes.json", json.dumps(info["counts"]["shard"], indent=1) + "\n")
     atomic_write_text(mix_dir / "dataset.json", json.dumps(info, indent=1, sort_keys=True) + "\n")
     return info
@@ -302,7 +333,9 @@ def _versions() -> dict[str, str]:
     return out
 
 
-def dataset_info(mix_dir: Path, spec, *, recipe_hash: str | None, select_key: str) -> dict:
+def dataset_info(
+    mix_dir: Path, spec, *, recipe_hash: str | None, select_key: str, manifest_fingerprint: str | None = None
+) -> dict:
     """The contents of dataset.json: what the shards hold and how they were made."""
     t = pq.read_table(mix_dir / "manifest.parquet", columns=["domain", "source", "mix_shard", "mix_repeat"])
     n = t.num_rows
@@ -326,6 +359,7 @@ def dataset_info(mix_dir: Path, spec, *, recipe_hash: str | None, select_key: st
         "repeated_samples": int(pc.sum(pc.greater(t["mix_repeat"], 0)).as_py() or 0) if n else 0,
         "counts": {"domain": by_domain, "source": _counts(t["source"]), "shard": per_shard},
         "recipe_hash": recipe_hash,
+        "manifest_fingerprint": manifest_fingerprint,  # of the build manifest the rows were selected from
         "mix_fingerprint": select_key,
         "versions": _versions(),
     }

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from plantmix.core.stage import Stage
-from plantmix.mix.run import run_mix
+from plantmix.mix.run import mix_is_current, run_mix
 
 
 def mix_stage(ctx) -> Stage:
@@ -12,10 +12,11 @@ def mix_stage(ctx) -> Stage:
     def run() -> bool:
         did = False
         for spec in recipe.mix:
-            done_before = is_done_mix(ctx, spec)
+            current = mix_is_current(ctx.build_dir, spec, recipe.hash())
+            # force: the recipe declares these mixes, so a changed entry or a rebuilt manifest replaces them
             out = run_mix(ctx.build_dir, spec, recipe_hash=recipe.hash(), workers=recipe.resources.workers,
-                          resources=recipe.resources)
-            did |= not done_before
+                          resources=recipe.resources, force=True, console=ctx.console)  # fmt: skip
+            did |= not current
             ctx.console.print(f"  mix → {out}", highlight=False)
         return did
 
@@ -23,9 +24,3 @@ def mix_stage(ctx) -> Stage:
         "mix", "selection and shards per mix", ctx.path("mixes"), run, managed=True,
         count=lambda: f"{len(recipe.mix)} mix(es)",
     )  # fmt: skip
-
-
-def is_done_mix(ctx, spec) -> bool:
-    """Whether the mix's final marker exists (a cheap look; run_mix checks its fingerprint itself)."""
-    marker = ctx.path("mixes", spec.resolved_name(), "dataset.json")
-    return marker.exists() and marker.with_name("dataset.json.done.json").exists()

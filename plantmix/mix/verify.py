@@ -1,10 +1,17 @@
-"""`plantmix verify`: re-read every shard of a mix and check it against what the writer recorded.
+"""`plantmix verify`: re-read every shard of a mix and check it against what the writer recorded;
+and the cheap check a rerun makes before it skips a finished output (`output_intact`).
 
 Checks per shard: the tar reads to the end; the sample count matches dataset.json and the shard's
 parquet; each sample has an image, a caption and a JSON; every image decodes; the sha256 of each
 image matches the shard parquet (the bytes as written, which may differ from the manifest's sha256 of
 the originally downloaded bytes when img2dataset resized or re-encoded them); the JSON's uid and key
 and the caption match the parquet row. Extra or missing shards are reported too.
+
+Before a rerun skips an output it checks the output against its marker: each marker records the
+size and sha256 of the file(s) it vouches for. The size is always compared; the bytes are hashed
+when the file is small or was modified after its marker was written (an edit in place, a copy), so a
+finished 13M-sample mix is checked in a listing's time and a truncated, deleted or rewritten file is
+redone, not trusted.
 """
 
 from __future__ import annotations
@@ -12,6 +19,7 @@ from __future__ import annotations
 import hashlib
 import io
 import json
+import os
 import tarfile
 from concurrent.futures import ProcessPoolExecutor
 from dataclasses import dataclass, field
@@ -24,8 +32,56 @@ from rich.table import Table
 
 from plantmix.core.errors import PlantmixError
 from plantmix.core.members import IMAGE_EXTS, split_member
+from plantmix.core.stage import done_marker, file_digest
 
 MAX_PROBLEMS_PER_SHARD = 20
+ALWAYS_HASHED_BYTES = 1 << 20  # files up to this size are hashed on every check: it costs nothing
+
+
+def file_record(path: Path) -> dict[str, int | str]:
+    """What a marker records about one output file: its size and the sha256 of its bytes."""
+    return {"bytes": Path(path).stat().st_size, "sha256": file_digest(path)}
+
+
+def record_matches(path: Path, record: dict | None, marker: Path) -> bool:
+    """Whether `path` still holds what `record` (from `marker`) says: same size, and same sha256 when
+    the file is small or newer than the marker. A verified file newer than its marker (a copy) gets
+    the marker's mtime refreshed, so the next check is quick again."""
+    path = Path(path)
+    if not isinstance(record, dict) or not path.is_file():
+        return False
+    st = path.stat()
+    if st.st_size != record.get("bytes"):
+        return False
+    newer = st.st_mtime_ns > marker.stat().st_mtime_ns
+    if st.st_size > ALWAYS_HASHED_BYTES and not newer:
+        return True
+    if file_digest(path) != record.get("sha256"):
+        return False
+    if newer:
+        os.utime(marker)
+    return True
+
+
+def read_marker(output: Path) -> dict | None:
+    """The JSON of an output's `.done.json` marker, or None when it is missing or unreadable."""
+    try:
+        marker = json.loads(done_marker(output).read_text())
+    except (OSError, ValueError):
+        return None
+    return marker if isinstance(marker, dict) else None
+
+
+def output_intact(output: Path, key: str, *records: str) -> bool:
+    """True when `output` was completed with fingerprint `key` and every file its marker records
+    still matches: `file` is the output itself; other record names are siblings (`parquet` of a
+    shard tar is the tar's .parquet)."""
+    output = Path(output)
+    marker = read_marker(output)
+    if marker is None or marker.get("key") != key:
+        return False
+    paths = {"file": output, "parquet": output.with_suffix(".parquet")}
+    return all(record_matches(paths[name], marker.get(name), done_marker(output)) for name in ("file", *records))
 
 
 @dataclass
