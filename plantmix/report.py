@@ -29,11 +29,18 @@ def funnel(manifest: pa.Table) -> pa.Table:
     stage is one of `in`, `ingest`, `download`, `curation`, `kept`, and `flag`. Download failures are
     split by img2dataset status; rows collapsed at ingest (same uid within a source) count under ingest.
     For every source, rows `in` = the sum of the stages other than `in` and `flag` — the accounting
-    identity tests check. `flag` counts rows in label-conflict groups (kept or not): not a drop.
+    identity tests check. `flag` counts rows in label-conflict groups (kept or not) and rows that
+    relevance routing moved to another domain (`routed_to_<domain>`): not drops. `domain` is the
+    source's domain: a moved row counts where it came from (`routed_from`).
     """
     con = duckdb.connect()
-    con.register("m", manifest)
+    con.register("raw", manifest)
     conflict = "label_conflict" if "label_conflict" in manifest.column_names else "false"
+    routed = "routed_from" in manifest.column_names
+    con.execute(
+        "CREATE TEMP VIEW m AS SELECT * REPLACE (coalesce(routed_from, domain) AS domain), domain AS routed_to FROM raw"
+        if routed else "CREATE TEMP VIEW m AS SELECT *, NULL::VARCHAR AS routed_to, NULL::VARCHAR AS routed_from FROM raw"
+    )
     return con.sql(
         f"""
         SELECT source, domain, 'in' AS stage, 'rows read' AS reason, sum(input_rows) AS rows FROM m GROUP BY 1, 2
@@ -52,6 +59,8 @@ def funnel(manifest: pa.Table) -> pa.Table:
         SELECT source, domain, 'kept', 'kept', count(*) FILTER (WHERE keep) FROM m GROUP BY 1, 2
         UNION ALL
         SELECT source, domain, 'flag', 'label_conflict', count(*) FROM m WHERE {conflict} GROUP BY 1, 2
+        UNION ALL
+        SELECT source, domain, 'flag', 'routed_to_' || routed_to, count(*) FROM m WHERE routed_from IS NOT NULL GROUP BY 1, 2, 4
         ORDER BY source, CASE stage WHEN 'in' THEN 0 WHEN 'ingest' THEN 1 WHEN 'download' THEN 2
                  WHEN 'curation' THEN 3 WHEN 'kept' THEN 4 ELSE 5 END, rows DESC, reason
         """

@@ -6,7 +6,7 @@ import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
 from plantmix.core.stage import Stage
-from plantmix.curate.decide import decide_to_parquet
+from plantmix.curate.decide import ModelProposals, decide_to_parquet
 from plantmix.curate.dedup import PAIR_SCHEMA, near_pair_proposals
 from plantmix.curate.filters import filter_proposals
 from plantmix.curate.split import read_held_out
@@ -59,10 +59,13 @@ def decide_stage(ctx) -> Stage:
     proposals = [ctx.path("proposals", "filters.parquet"), ctx.path("proposals", "near_pairs.parquet")]
 
     held_dir = ctx.path("proposals", "held_out")
+    # the score stage's proposals, when the recipe has model-based curation
+    model_files = [ctx.path("proposals", "model_scores.parquet"), ctx.path("proposals", "semantic_pairs.parquet")] if recipe.has_model_checks else []
 
     def run() -> None:
         held = read_held_out(held_dir)
-        decide_to_parquet(_joined(ctx), *(pq.read_table(p) for p in proposals), recipe.dedup, priority, held, out)
+        model = ModelProposals(*(pq.read_table(p) for p in model_files)) if model_files else None
+        decide_to_parquet(_joined(ctx), *(pq.read_table(p) for p in proposals), recipe.dedup, priority, held, out, model)
 
     out = ctx.path("manifest.parquet")
 
@@ -74,7 +77,7 @@ def decide_stage(ctx) -> Stage:
 
     return Stage(
         "decide", "the one decision", out, run,
-        inputs=lambda: [_joined(ctx), *proposals, *([held_dir] if held_dir.is_dir() else [])],
+        inputs=lambda: [_joined(ctx), *proposals, *model_files, *([held_dir] if held_dir.is_dir() else [])],
         params={"dedup": recipe.dedup.model_dump(), "priority": priority}, version=DECIDE_VERSION, count=count,
     )  # fmt: skip
 
