@@ -43,7 +43,7 @@ from plantmix.core.recipe import DedupConfig
 from plantmix.core.stage import atomic_path
 from plantmix.core.schema import (
     DECISION_FIELDS, DROP_DUPLICATE_EXACT, DROP_DUPLICATE_NEAR, DROP_DUPLICATE_SEMANTIC, DROP_EVAL_OVERLAP, DROP_HELD_OUT,
-    MODEL_DECISION_FIELDS, pandas_readable,
+    MANIFEST_EXTRA_FIELDS, MODEL_DECISION_FIELDS, pandas_readable,
 )  # fmt: skip
 from plantmix.core.hashing import popcount64
 from plantmix.curate.dedup import KeepRule, greedy_keep, group_winners, sha_groups
@@ -382,6 +382,9 @@ def check_invariants(
 # ---- model-based proposals (the score stage: plantmix.curate.model_steps) ------------------------------
 
 
+SCORE_FIELDS = [f for f in MANIFEST_EXTRA_FIELDS if f.name in ("clip_score", "plant_score")]
+
+
 @dataclass
 class ModelProposals:
     """The score stage's proposals: `scores` row-aligned with the joined manifest (MODEL_SCORE_SCHEMA of
@@ -491,9 +494,8 @@ def semantic_assign(
 def apply_model_decisions(table: pa.Table, columns: dict[str, pa.Array]) -> pa.Table:
     """The model columns of a decided table: clip_score and plant_score filled, `domain` of moved rows
     replaced (their old domain in `routed_from`), and MODEL_DECISION_FIELDS added."""
-    for name in ("clip_score", "plant_score"):
-        i = table.schema.get_field_index(name)
-        table = table.set_column(i, table.schema.field(name), columns[name].cast(table.schema.field(name).type))
+    for f in SCORE_FIELDS:
+        table = _put(table, f, columns[f.name].cast(f.type))
     route_to = columns["route_to"]
     i = table.schema.get_field_index("domain")
     domain = table.column(i)

@@ -43,7 +43,7 @@ def taxon_prompts(taxa: pa.Table) -> list[str]:
     con.register("t", taxa.select(TAXA_COLUMNS))
     distinct = con.sql(f"SELECT DISTINCT {', '.join(TAXA_COLUMNS)} FROM t").to_arrow_table()
     texts: set[str] = set()
-    for v in caption_variants({c: distinct[c].combine_chunks() for c in TAXA_COLUMNS}).values():
+    for v in caption_variants({c: distinct[c].combine_chunks().cast(pa.string()) for c in TAXA_COLUMNS}).values():
         texts.update(x for x in v.to_pylist() if x)
     return sorted(texts)
 
