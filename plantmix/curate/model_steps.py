@@ -55,7 +55,8 @@ def model_proposals(
 
     n = joined.num_rows
     rows, image, text = _aligned(joined, emb, recipe)
-    domain = joined["domain"].take(pa.array(rows, pa.int64())).to_numpy(zero_copy_only=False)
+    # a fixed-width array, not one Python string per row (DOMAINS: plant or general)
+    domain = np.where(pc.equal(joined["domain"].take(pa.array(rows, pa.int64())), "plant").to_numpy(zero_copy_only=False), "plant", "general")
     columns: dict[str, pa.Array] = {"uid": joined["uid"]}
     if recipe.clip_score is not None:
         columns.update(_clip(n, rows, image, text, domain, recipe))
@@ -73,8 +74,7 @@ def model_proposals(
 
 def _aligned(joined: pa.Table, emb: Embeddings, recipe: Recipe) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """(joined row of each usable embedded row, its image and text embeddings), in joined order."""
-    needs = recipe.clip_score or recipe.relevance or recipe.semantic_dedup or (
-        recipe.decontaminate is not None and recipe.decontaminate.embedding_cosine is not None)
+    needs = _needs_scorer(recipe) or recipe.clip_score is not None or recipe.semantic_dedup is not None
     usable = joined["keep"].to_numpy(zero_copy_only=False)
     if needs and usable.any() and not len(emb):
         raise PlantmixError(f"score: no embeddings in the build's {EMBEDDINGS_DIR}/ for {int(usable.sum()):,} downloaded rows; run the embed stage")
@@ -84,6 +84,8 @@ def _aligned(joined: pa.Table, emb: Embeddings, recipe: Recipe) -> tuple[np.ndar
     ok[ok] = usable[where[ok]]
     order = np.argsort(where[ok], kind="stable")
     take = np.nonzero(ok)[0][order]
+    if np.array_equal(take, np.arange(len(emb))):  # the usual case: no copy of the embeddings
+        return where, emb.image, emb.text
     return where[take], emb.image[take], emb.text[take]
 
 

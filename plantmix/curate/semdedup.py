@@ -18,6 +18,8 @@ import pyarrow as pa
 
 SEMANTIC_PAIR_SCHEMA = pa.schema([pa.field("uid_a", pa.string()), pa.field("uid_b", pa.string()), pa.field("cosine", pa.float32())])
 KMEANS_ITERATIONS = 20
+KMEANS_POINTS_PER_CENTROID = 256  # faiss' default training sample per centroid
+_ASSIGN_CHUNK = 1 << 18
 _BLOCK_CELLS = 1 << 24  # similarity-matrix cells computed at once (64 MiB of float32)
 
 
@@ -27,15 +29,24 @@ def default_clusters(n: int) -> int:
 
 
 def kmeans(x: np.ndarray, k: int, seed: int) -> tuple[np.ndarray, np.ndarray]:
-    """(centroids (k', d) L2-normalised, cluster of each row) by faiss spherical k-means; k' = min(k, n)."""
+    """(centroids (k', d) L2-normalised, cluster of each row) by faiss spherical k-means; k' = min(k, n).
+
+    Trained on a seeded sample of at most 256 rows per centroid (what faiss would sample itself), then
+    every row is assigned in float32 chunks, so float16 embeddings are never copied whole to float32.
+    """
     import faiss
 
-    x = np.ascontiguousarray(x, np.float32)
     k = max(1, min(k, len(x)))
-    km = faiss.Kmeans(x.shape[1], k, niter=KMEANS_ITERATIONS, seed=seed, spherical=True, verbose=False)
-    km.train(x)
-    _, assign = km.index.search(x, 1)
-    return km.centroids.copy(), assign[:, 0].astype(np.int32)
+    sample = KMEANS_POINTS_PER_CENTROID * k
+    train = x if len(x) <= sample else x[np.sort(np.random.default_rng(seed).choice(len(x), sample, replace=False))]
+    km = faiss.Kmeans(x.shape[1], k, niter=KMEANS_ITERATIONS, seed=seed, spherical=True, verbose=False,
+                      max_points_per_centroid=KMEANS_POINTS_PER_CENTROID)  # fmt: skip
+    km.train(np.ascontiguousarray(train, np.float32))
+    assign = np.empty(len(x), np.int32)
+    for s in range(0, len(x), _ASSIGN_CHUNK):
+        _, a = km.index.search(np.ascontiguousarray(x[s : s + _ASSIGN_CHUNK], np.float32), 1)
+        assign[s : s + _ASSIGN_CHUNK] = a[:, 0]
+    return km.centroids.copy(), assign
 
 
 def semantic_pairs(
