@@ -20,7 +20,7 @@ from PIL import Image, ImageEnhance, ImageOps
 from plantmix.core.errors import PlantmixError
 from plantmix.core.hashing import hamming, phash_pair_bytes
 from plantmix.core.recipe import ScorerConfig
-from plantmix.curate.decontaminate import Pool, check_contamination, decontaminate, load_eval_set
+from plantmix.curate.decontaminate import Pool, decontaminate, load_eval_set
 from plantmix.embed.scorer import load_scorer
 from plantmix.embed.store import shard_files
 

@@ -103,7 +103,7 @@ def decision_columns(
     held_out: pa.Table | None = None, model: ModelProposals | None = None,
 ) -> dict[str, pa.Array]:
     """keep, drop_reason, dup_of and the DECISION_FIELDS for every row of `joined` (see module doc);
-    with `model`, also the model columns (`model_decision_columns`)."""
+    with `model`, also the model columns (`ModelRows.columns`, applied by `apply_model_decisions`)."""
     if filters.num_rows != joined.num_rows or not filters["uid"].equals(joined["uid"]):
         raise PlantmixError("decide: filter proposals do not match the joined manifest; rerun the filter stage")
     held = np.zeros(joined.num_rows, bool)

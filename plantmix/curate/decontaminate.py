@@ -22,6 +22,7 @@ from pathlib import Path
 import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
+import pyarrow.parquet as pq
 
 from plantmix.core.errors import PlantmixError
 from plantmix.core.hashing import phash_pair_bytes, popcount64
@@ -273,8 +274,6 @@ def check_contamination(
     from plantmix.core.recipe import ScorerConfig
 
     manifest_path, build_dir = _locate(target)
-    import pyarrow.parquet as pq
-
     names = pq.read_schema(manifest_path).names
     missing = sorted({"uid", "sha256", "phash"} - set(names))
     if missing:
