@@ -94,11 +94,14 @@ def prepare(folder: Path, args) -> dict:
 
 def child(folder: Path, with_model: bool, radius: int) -> None:
     """One timed decide_to_parquet run (in its own process: its peak RSS is its own)."""
-    from plantmix.curate.decide import ModelProposals, decide_to_parquet
+    from plantmix.curate.decide import MODEL_DECIDE_COLUMNS, ModelProposals, decide_to_parquet
 
     t = time.perf_counter()
     filters, pairs = pq.read_table(folder / "filters.parquet"), pq.read_table(folder / "near_pairs.parquet")
-    model = ModelProposals(pq.read_table(folder / "model_scores.parquet"), pq.read_table(folder / "semantic_pairs.parquet")) if with_model else None
+    model = None
+    if with_model:  # read as the decide stage reads them
+        model = ModelProposals(pq.read_table(folder / "model_scores.parquet", columns=MODEL_DECIDE_COLUMNS),
+                               pq.read_table(folder / "semantic_pairs.parquet"))  # fmt: skip
     out = folder / ("manifest_model.parquet" if with_model else "manifest.parquet")
     decide_to_parquet(folder / "joined.parquet", filters, pairs, DedupConfig(phash_radius=radius), PRIORITY, None, out, model)
     m = pq.read_table(out, columns=["drop_reason"])

@@ -385,6 +385,11 @@ def check_invariants(
 SCORE_FIELDS = [f for f in MANIFEST_EXTRA_FIELDS if f.name in ("clip_score", "plant_score")]
 
 
+# the columns of the score stage's model_scores.parquet that the decision reads (eval_match / eval_file are for reports)
+MODEL_DECIDE_COLUMNS = ["uid", "clip_score", "plant_score", "clip_reason", "relevance_reason", "route_to", "eval_overlap",
+                        "semantic_cluster"]  # fmt: skip
+
+
 @dataclass
 class ModelProposals:
     """The score stage's proposals: `scores` row-aligned with the joined manifest (MODEL_SCORE_SCHEMA of

@@ -6,7 +6,7 @@ import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
 from plantmix.core.stage import Stage
-from plantmix.curate.decide import ModelProposals, decide_to_parquet
+from plantmix.curate.decide import MODEL_DECIDE_COLUMNS, ModelProposals, decide_to_parquet
 from plantmix.curate.dedup import PAIR_SCHEMA, near_pair_proposals
 from plantmix.curate.filters import filter_proposals
 from plantmix.curate.split import read_held_out
@@ -64,7 +64,9 @@ def decide_stage(ctx) -> Stage:
 
     def run() -> None:
         held = read_held_out(held_dir)
-        model = ModelProposals(*(pq.read_table(p) for p in model_files)) if model_files else None
+        model = None
+        if model_files:
+            model = ModelProposals(pq.read_table(model_files[0], columns=MODEL_DECIDE_COLUMNS), pq.read_table(model_files[1]))
         decide_to_parquet(_joined(ctx), *(pq.read_table(p) for p in proposals), recipe.dedup, priority, held, out, model)
 
     out = ctx.path("manifest.parquet")
