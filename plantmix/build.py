@@ -88,7 +88,7 @@ def build_stages(ctx: BuildContext) -> list[Stage]:
 
         out.append(embed_stage(ctx))
     out += [steps.join_stage(ctx), curate.filter_stage(ctx), curate.dedup_stage(ctx)]
-    if any(getattr(recipe, n) is not None for n in ("clip_score", "relevance", "semantic_dedup", "decontaminate")):
+    if recipe.has_model_checks:
         from plantmix.curate.model_steps import score_stage
 
         out.append(score_stage(ctx))

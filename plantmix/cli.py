@@ -173,6 +173,40 @@ def dedup_report(
 
 
 @app.command()
+def contamination(
+    target: Path = typer.Argument(..., help="A build directory, a mix directory (BUILD/mixes/NAME) or a manifest parquet."),
+    against: list[Path] = typer.Option(..., "--against", help="Evaluation image folder (class subfolders allowed); repeatable."),
+    out: Path = typer.Option(..., "--out", "-o", help="Output directory for exclude.parquet and report.csv."),
+    scorer: Optional[str] = typer.Option(
+        None, "--scorer", help="Scorer model for embedding matches (open_clip:ARCH/TAG, open_clip:ARCH//path, or a dalip export dir); default: the build's own scorer."
+    ),
+    phash_radius: int = typer.Option(10, "--phash-radius", help="Largest pHash Hamming distance (mirror images included) that counts as a copy."),
+    embedding_cosine: Optional[float] = typer.Option(
+        0.95, "--embedding-cosine", help="Smallest image-embedding cosine that counts as a copy (needs a scorer; otherwise hashes only)."
+    ),
+    hashes_only: bool = typer.Option(False, "--hashes-only", help="Skip embedding matches even when a scorer is available."),
+) -> None:
+    """Find rows that copy an evaluation image (exact sha256, pHash within the radius, embedding cosine):
+    writes OUT/exclude.parquet (uid, eval_set, match, eval_file) and OUT/report.csv (counts per eval set)."""
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn
+
+    from plantmix.curate.decontaminate import check_contamination
+
+    with Progress(TextColumn("encode rows (tars)"), BarColumn(), MofNCompleteColumn(), console=console, transient=True) as bar:
+        task = bar.add_task("encode", total=None)
+        path, report = check_contamination(
+            target, against, out, scorer, phash_radius, None if hashes_only else embedding_cosine,
+            progress=lambda done, total: bar.update(task, completed=done, total=total),
+        )  # fmt: skip
+    for r in report:
+        console.print(
+            f"{r['eval_set']}: {r['rows_matched']:,} rows copy {r['eval_images_matched']:,} of {r['eval_images']:,} eval images "
+            f"(exact {r['exact']:,}, pHash {r['phash']:,}, embedding {r['embedding']:,})", highlight=False,
+        )
+    console.print(f"[green]✓[/] {path}/: exclude.parquet, report.csv", highlight=False)
+
+
+@app.command()
 def verify(
     shards_dir: Path = typer.Argument(..., help="A mix's shards directory (BUILD/mixes/NAME/shards)."),
     workers: int = typer.Option(1, "--workers", help="Processes reading shards."),

@@ -31,12 +31,19 @@ def funnel(manifest: pa.Table, over_max_rows: pa.Table | None = None) -> pa.Tabl
     split by img2dataset status; rows collapsed at ingest (same uid within a source) and the rows past a
     source's `max_rows` (`over_max_rows`: (source, domain, rows), from the ingest report) count under
     ingest. For every source, rows `in` = the sum of the stages other than `in` and `flag` — the
-    accounting identity tests check. `flag` counts rows in label-conflict groups (kept or not): not a drop.
+    accounting identity tests check. `flag` counts rows in label-conflict groups (kept or not) and rows
+    that relevance routing moved to another domain (`routed_to_<domain>`): not drops. `domain` is the
+    source's domain: a moved row counts where it came from (`routed_from`).
     """
     con = duckdb.connect()
-    con.register("m", manifest)
+    con.register("raw", manifest)
     con.register("capped", over_max_rows if over_max_rows is not None else _NO_CAPPED_ROWS)
     conflict = "label_conflict" if "label_conflict" in manifest.column_names else "false"
+    routed = "routed_from" in manifest.column_names
+    con.execute(
+        "CREATE TEMP VIEW m AS SELECT * REPLACE (coalesce(routed_from, domain) AS domain), domain AS routed_to FROM raw"
+        if routed else "CREATE TEMP VIEW m AS SELECT *, NULL::VARCHAR AS routed_to, NULL::VARCHAR AS routed_from FROM raw"
+    )
     return con.sql(
         f"""
         SELECT source, domain, 'in' AS stage, 'rows read' AS reason, sum(rows) AS rows FROM (
@@ -59,6 +66,8 @@ def funnel(manifest: pa.Table, over_max_rows: pa.Table | None = None) -> pa.Tabl
         SELECT source, domain, 'kept', 'kept', count(*) FILTER (WHERE keep) FROM m GROUP BY 1, 2
         UNION ALL
         SELECT source, domain, 'flag', 'label_conflict', count(*) FROM m WHERE {conflict} GROUP BY 1, 2
+        UNION ALL
+        SELECT source, domain, 'flag', 'routed_to_' || routed_to, count(*) FROM m WHERE routed_from IS NOT NULL GROUP BY 1, 2, 4
         ORDER BY source, CASE stage WHEN 'in' THEN 0 WHEN 'ingest' THEN 1 WHEN 'download' THEN 2
                  WHEN 'curation' THEN 3 WHEN 'kept' THEN 4 ELSE 5 END, rows DESC, reason
         """

@@ -187,6 +187,9 @@ class RelevanceConfig(_Strict):
     move`); a plant row below it is `not_a_plant`. `centroids` > 0 adds DataComp-style routing: faiss
     k-means over the pool, rows in clusters whose centroid lies nearest the plant prototypes count as
     plants.
+
+    plant_score = exp(s_p / T) / (exp(s_p / T) + exp(s_g / T)), s_p and s_g the image's largest cosine
+    to a plant and to a general prototype, T = `temperature` (0.01: CLIP's logit scale of 100).
     """
 
     threshold: float = Field(0.5, ge=0, le=1)
@@ -198,8 +201,9 @@ class RelevanceConfig(_Strict):
     general_prompts: list[str] = Field(default_factory=lambda: [
         "a photo of an object", "a photo of a scene", "a photo of a building", "a photo of a vehicle",
     ])  # fmt: skip
-    support_dir: str | None = None
+    support_dir: str | None = None  # image folder (relative to the recipe, may use {demo}); class subfolders allowed
     centroids: int = Field(0, ge=0)
+    temperature: float = Field(0.01, gt=0, le=1)
 
 
 class SemanticDedupConfig(_Strict):
@@ -266,12 +270,21 @@ class Recipe(_Strict):
             raise ValueError(f"mix names must be unique; repeated: {dup}")
         if any("{demo}" in s.path for s in self.sources) and self.demo_world is None:
             raise ValueError("a source path uses {demo} but the recipe has no demo_world section")
+        folders = [*(self.decontaminate.eval_sets if self.decontaminate else []),
+                   *([self.relevance.support_dir] if self.relevance and self.relevance.support_dir else [])]  # fmt: skip
+        if any("{demo}" in f for f in folders) and self.demo_world is None:
+            raise ValueError("an eval set or support_dir uses {demo} but the recipe has no demo_world section")
         needs = [n for n in ("clip_score", "relevance", "semantic_dedup") if getattr(self, n) is not None]
         if self.decontaminate is not None and self.decontaminate.embedding_cosine is not None:
             needs.append("decontaminate.embedding_cosine")
         if needs and self.scorer is None:
             raise ValueError(f"{', '.join(needs)} need(s) a scorer model: add a scorer section")
         return self
+
+    @property
+    def has_model_checks(self) -> bool:
+        """Whether the build runs the score stage (a model-based curation section is set)."""
+        return any(getattr(self, n) is not None for n in MODEL_CHECKS)
 
     def hash(self) -> str:
         """Hash of the resolved recipe (defaults included), stable across key order and formatting.
@@ -287,7 +300,8 @@ class Recipe(_Strict):
         return hashlib.sha256(blob.encode()).hexdigest()[:16]
 
 
-_OPTIONAL_SECTIONS = ("scorer", "clip_score", "relevance", "semantic_dedup", "decontaminate")
+MODEL_CHECKS = ("clip_score", "relevance", "semantic_dedup", "decontaminate")  # the score stage's sections
+_OPTIONAL_SECTIONS = ("scorer", *MODEL_CHECKS)
 
 
 def _format_error(path: Path, err: ValidationError) -> str:

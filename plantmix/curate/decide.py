@@ -14,13 +14,23 @@
 A group whose members name different species is a label conflict: flagged on every member
 (`label_conflict`), resolved only by the keep rule (source priority first), and reported.
 
+With model-based proposals (`ModelProposals`, from the score stage) the order is, row level: ingest /
+download, held_out, eval_overlap (like held_out: never a kept twin, never attached to one), image
+filters, caption filters, clip_score_low, relevance (plant_in_general / not_a_plant; a `route: move`
+proposal moves the row to the other domain instead, `routed_from` naming the old one, and the row
+stays eligible). Then the duplicate groups: exact, near, then semantic pairs among the rows still
+kept, greedy in keep-rule order (`duplicate_semantic`, dup_of = the kept twin of highest cosine); rows
+that pointed at a row lost to a semantic twin are re-pointed at that twin, so dup_of always names a
+kept row, and the kept row's `captions` gather its semantic group's valid captions too.
+
 Invariants (checked by `check_invariants`, asserted in tests): `dup_of` names a kept row; a
-duplicate_exact row has its dup_of's sha256 and a duplicate_near row does not; kept rows are pairwise
-farther apart than the radius.
+duplicate_exact row has its dup_of's sha256 and a duplicate_near or duplicate_semantic row does not;
+kept rows are pairwise farther apart than the radius, and no two kept rows form a semantic pair.
 """
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -31,7 +41,11 @@ import pyarrow.parquet as pq
 from plantmix.core.errors import PlantmixError
 from plantmix.core.recipe import DedupConfig
 from plantmix.core.stage import atomic_path
-from plantmix.core.schema import DECISION_FIELDS, DROP_DUPLICATE_EXACT, DROP_DUPLICATE_NEAR, DROP_HELD_OUT, pandas_readable
+from plantmix.core.schema import (
+    DECISION_FIELDS, DROP_DUPLICATE_EXACT, DROP_DUPLICATE_NEAR, DROP_DUPLICATE_SEMANTIC, DROP_EVAL_OVERLAP, DROP_HELD_OUT,
+    MANIFEST_EXTRA_FIELDS, MODEL_DECISION_FIELDS, pandas_readable,
+)  # fmt: skip
+from plantmix.core.hashing import popcount64
 from plantmix.curate.dedup import KeepRule, greedy_keep, group_winners, sha_groups
 
 NONE = -1
@@ -39,26 +53,27 @@ NONE = -1
 
 def decide(
     joined: pa.Table, filters: pa.Table, pairs: pa.Table, cfg: DedupConfig, source_priority: dict[str, int],
-    held_out: pa.Table | None = None,
+    held_out: pa.Table | None = None, model: ModelProposals | None = None,
 ) -> pa.Table:
     """The manifest: `joined` with the decision columns set (same rows, same order).
 
     `held_out` (uid, split) lists rows set aside as evaluation data (`plantmix split`): rejected first
-    among the curation reasons, never a kept twin, never attached to one.
+    among the curation reasons, never a kept twin, never attached to one. `model`: the score stage's
+    proposals, when the recipe has model-based curation (module doc).
     """
     present = [c for c in DECIDE_COLUMNS if c in joined.column_names]
-    return pandas_readable(apply_decisions(joined, decision_columns(joined.select(present), filters, pairs, cfg, source_priority, held_out)))
+    return pandas_readable(apply_decisions(joined, decision_columns(joined.select(present), filters, pairs, cfg, source_priority, held_out, model)))
 
 
 def decide_to_parquet(
     joined_path: Path, filters: pa.Table, pairs: pa.Table, cfg: DedupConfig, source_priority: dict[str, int],
-    held_out: pa.Table | None, out_path: Path,
+    held_out: pa.Table | None, out_path: Path, model: ModelProposals | None = None,
 ) -> None:
     """`decide`, reading only the columns the decision needs, then streaming the manifest out row group
     by row group, so memory holds those columns, not every column of every row."""
     source = pq.ParquetFile(joined_path)
     present = [c for c in DECIDE_COLUMNS if c in source.schema_arrow.names]
-    columns = decision_columns(pq.read_table(joined_path, columns=present), filters, pairs, cfg, source_priority, held_out)
+    columns = decision_columns(pq.read_table(joined_path, columns=present), filters, pairs, cfg, source_priority, held_out, model)
     schema = None
     with atomic_path(out_path) as tmp:
         writer = None
@@ -85,9 +100,10 @@ DECIDE_COLUMNS = ["uid", "source", "keep", "drop_reason", "sha256", "phash", "wi
 
 def decision_columns(
     joined: pa.Table, filters: pa.Table, pairs: pa.Table, cfg: DedupConfig, source_priority: dict[str, int],
-    held_out: pa.Table | None = None,
+    held_out: pa.Table | None = None, model: ModelProposals | None = None,
 ) -> dict[str, pa.Array]:
-    """keep, drop_reason, dup_of and the DECISION_FIELDS for every row of `joined` (see module doc)."""
+    """keep, drop_reason, dup_of and the DECISION_FIELDS for every row of `joined` (see module doc);
+    with `model`, also the model columns (`ModelRows.columns`, applied by `apply_model_decisions`)."""
     if filters.num_rows != joined.num_rows or not filters["uid"].equals(joined["uid"]):
         raise PlantmixError("decide: filter proposals do not match the joined manifest; rerun the filter stage")
     held = np.zeros(joined.num_rows, bool)
@@ -97,9 +113,16 @@ def decision_columns(
     image_ok = pc.is_null(filters["image_reason"]).to_numpy(zero_copy_only=False)
     caption_ok = pc.is_null(filters["caption_reason"]).to_numpy(zero_copy_only=False)
     survivor = usable & image_ok & caption_ok
+    rows = model_rows(joined, model, usable, survivor) if model is not None else None
+    if rows is not None:
+        usable, survivor = usable & ~rows.eval_bad, survivor & ~rows.eval_bad & rows.passes
+        caption_ok = caption_ok & ~rows.clip_bad  # a caption that does not match its image joins no group
     rule = KeepRule(joined, source_priority, np.nonzero(usable)[0])
     target, distance = _assign(joined, survivor, usable, pairs, cfg, rule)
-    return _columns(joined, filters, survivor, caption_ok & usable, target, distance, held)
+    if rows is not None:
+        semantic_assign(joined, survivor, target, distance, model.semantic_pairs, rule, rows)
+    out = _columns(joined, filters, survivor, caption_ok & usable, target, distance, held, rows)
+    return out if rows is None else {**out, **rows.columns}
 
 
 # ---- assignment ---------------------------------------------------------------------------------------
@@ -224,7 +247,7 @@ def _attach_rejected(joined, survivor, usable, target, distance, phash, pairs, c
 # ---- output -------------------------------------------------------------------------------------------
 
 
-def _columns(joined, filters, survivor, caption_ok, target, distance, held) -> dict[str, pa.Array]:
+def _columns(joined, filters, survivor, caption_ok, target, distance, held, model=None) -> dict[str, pa.Array]:
     n = joined.num_rows
     uid = joined["uid"]
     has_target = target != NONE
@@ -236,7 +259,11 @@ def _columns(joined, filters, survivor, caption_ok, target, distance, held) -> d
         same_sha[has_target] = pc.fill_null(pc.equal(sha.take(pa.array(np.nonzero(has_target)[0])), sha.take(pa.array(target[has_target]))), False).to_numpy(zero_copy_only=False)
     dup_reason = np.where(same_sha, DROP_DUPLICATE_EXACT, DROP_DUPLICATE_NEAR)
     held_reason = pa.array(np.where(held, DROP_HELD_OUT, None).tolist(), pa.string()) if held.any() else pa.nulls(n, pa.string())
-    row_reason = pc.coalesce(joined["drop_reason"], held_reason, filters["image_reason"], filters["caption_reason"])
+    if model is None:
+        row_reason = pc.coalesce(joined["drop_reason"], held_reason, filters["image_reason"], filters["caption_reason"])
+    else:
+        dup_reason = np.where(~same_sha & model.semantic, DROP_DUPLICATE_SEMANTIC, dup_reason)
+        row_reason = model.row_reason(joined["drop_reason"], held_reason, filters)
     reason = pc.if_else(pa.array(survivor & has_target), pa.array(dup_reason), row_reason)
     reason = pc.if_else(pa.array(keep), pa.nulls(n, pa.string()), reason)
     dist = pa.array(np.where(has_target, distance, 0).astype(np.int8), mask=~has_target)
@@ -257,6 +284,8 @@ def apply_decisions(table: pa.Table, columns: dict[str, pa.Array]) -> pa.Table:
         table = table.set_column(i, table.schema.field(name), columns[name])
     for f in DECISION_FIELDS:
         table = _put(table, f, columns[f.name])
+    if "route_to" in columns:  # the score stage ran
+        table = apply_model_decisions(table, columns)
     return table
 
 
@@ -337,9 +366,12 @@ def _with_collapsed_captions(captions: pa.ListArray, filters: pa.Table, keep: np
 # ---- invariants ---------------------------------------------------------------------------------------
 
 
-def check_invariants(manifest: pa.Table, radius: int | None = None, mirror: bool = True) -> list[str]:
+def check_invariants(
+    manifest: pa.Table, radius: int | None = None, mirror: bool = True, semantic_pairs: pa.Table | None = None
+) -> list[str]:
     """Violations of the decision invariants (empty when all hold); `radius` also checks kept rows'
-    pairwise pHash distance (mirror hashes included when `mirror`), which costs a pair search."""
+    pairwise pHash distance (mirror hashes included when `mirror`), which costs a pair search, and
+    `semantic_pairs` (uid_a, uid_b) that no pair of it is kept on both sides."""
     import duckdb
 
     con = duckdb.connect()
@@ -348,11 +380,15 @@ def check_invariants(manifest: pa.Table, radius: int | None = None, mirror: bool
     checks = {
         "dup_of names a row that is not kept": "SELECT count(*) FROM m a JOIN m b ON a.dup_of = b.uid WHERE NOT b.keep",
         "dup_of names no row": "SELECT count(*) FROM m a LEFT JOIN m b ON a.dup_of = b.uid WHERE a.dup_of IS NOT NULL AND b.uid IS NULL",
-        "duplicate row without dup_of": f"SELECT count(*) FROM m WHERE drop_reason IN ('{DROP_DUPLICATE_EXACT}', '{DROP_DUPLICATE_NEAR}') AND dup_of IS NULL",
+        "duplicate row without dup_of": f"SELECT count(*) FROM m WHERE drop_reason IN ('{DROP_DUPLICATE_EXACT}', '{DROP_DUPLICATE_NEAR}', '{DROP_DUPLICATE_SEMANTIC}') AND dup_of IS NULL",
         "duplicate_exact with another sha256": f"SELECT count(*) FROM m a JOIN m b ON a.dup_of = b.uid WHERE a.drop_reason = '{DROP_DUPLICATE_EXACT}' AND a.sha256 IS DISTINCT FROM b.sha256",
         "duplicate_near with the same sha256": f"SELECT count(*) FROM m a JOIN m b ON a.dup_of = b.uid WHERE a.drop_reason = '{DROP_DUPLICATE_NEAR}' AND a.sha256 = b.sha256",
+        "duplicate_semantic with the same sha256": f"SELECT count(*) FROM m a JOIN m b ON a.dup_of = b.uid WHERE a.drop_reason = '{DROP_DUPLICATE_SEMANTIC}' AND a.sha256 = b.sha256",
         "kept row with a drop reason": "SELECT count(*) FROM m WHERE keep AND (drop_reason IS NOT NULL OR dup_of IS NOT NULL)",
     }
+    if semantic_pairs is not None:
+        con.register("s", semantic_pairs.select(["uid_a", "uid_b"]))
+        checks["kept rows forming a semantic pair"] = "SELECT count(*) FROM s JOIN m a ON s.uid_a = a.uid JOIN m b ON s.uid_b = b.uid WHERE a.keep AND b.keep"
     for what, sql in checks.items():
         count = con.execute(sql).fetchone()[0]
         if count:
@@ -366,3 +402,136 @@ def check_invariants(manifest: pa.Table, radius: int | None = None, mirror: bool
         if close.num_rows:
             problems.append(f"kept rows within radius {radius} of each other: {close.num_rows} pair(s)")
     return problems
+
+
+# ---- model-based proposals (the score stage: plantmix.curate.model_steps) ------------------------------
+
+
+SCORE_FIELDS = [f for f in MANIFEST_EXTRA_FIELDS if f.name in ("clip_score", "plant_score")]
+
+
+# the columns of the score stage's model_scores.parquet that the decision reads (eval_match / eval_file are for reports)
+MODEL_DECIDE_COLUMNS = ["uid", "clip_score", "plant_score", "clip_reason", "relevance_reason", "route_to", "eval_overlap",
+                        "semantic_cluster"]  # fmt: skip
+
+
+@dataclass
+class ModelProposals:
+    """The score stage's proposals: `scores` row-aligned with the joined manifest (MODEL_SCORE_SCHEMA of
+    plantmix.curate.model_steps), `semantic_pairs` (uid_a, uid_b, cosine) from SemDeDup."""
+
+    scores: pa.Table
+    semantic_pairs: pa.Table
+
+
+@dataclass
+class ModelRows:
+    """What the model proposals decide at row level, per joined row (see the module doc)."""
+
+    eval_bad: np.ndarray  # usable rows overlapping an evaluation set
+    clip_bad: np.ndarray  # usable rows below their domain's CLIP-score threshold
+    passes: np.ndarray  # no model rejection (a row moved by relevance routing passes)
+    eval_reason: pa.Array
+    clip_reason: pa.Array
+    relevance_reason: pa.Array  # null where the row is moved instead
+    columns: dict[str, pa.Array]  # clip_score, plant_score, semantic_cluster, eval_overlap, route_to
+    semantic: np.ndarray | None = None  # rows assigned (or re-pointed) by the semantic step
+
+    def row_reason(self, drop_reason, held_reason, filters: pa.Table):
+        """The first row-level reason of each row, in the declared order."""
+        return pc.coalesce(drop_reason, held_reason, self.eval_reason, filters["image_reason"], filters["caption_reason"],
+                           self.clip_reason, self.relevance_reason)  # fmt: skip
+
+
+def model_rows(joined: pa.Table, model: ModelProposals, usable: np.ndarray, survivor: np.ndarray) -> ModelRows:
+    """Row-level model decisions: eval overlap, CLIP score, relevance (drop or move)."""
+    s = model.scores
+    if s.num_rows != joined.num_rows or not s["uid"].equals(joined["uid"]):
+        raise PlantmixError("decide: model proposals do not match the joined manifest; rerun the score stage")
+
+    def valid(name: str) -> np.ndarray:
+        return pc.is_valid(s[name]).to_numpy(zero_copy_only=False)
+
+    n = joined.num_rows
+    eval_bad = usable & valid("eval_overlap")
+    clip_bad = usable & valid("clip_reason")
+    moving = valid("route_to")
+    relevance_bad = usable & valid("relevance_reason") & ~moving
+    # a row is moved only when it reaches the relevance step: earlier reasons win
+    moved = survivor & ~eval_bad & ~clip_bad & moving
+    nulls = pa.nulls(n, pa.string())
+    eval_reason = pc.if_else(pa.array(eval_bad), pa.scalar(DROP_EVAL_OVERLAP), nulls)
+    relevance_reason = pc.if_else(pa.array(moving), nulls, _flat(s["relevance_reason"]))
+    columns = {
+        "clip_score": _flat(s["clip_score"]), "plant_score": _flat(s["plant_score"]),
+        "semantic_cluster": _flat(s["semantic_cluster"]), "eval_overlap": _flat(s["eval_overlap"]),
+        "route_to": pc.if_else(pa.array(moved), _flat(s["route_to"]), nulls),
+    }  # fmt: skip
+    return ModelRows(eval_bad, clip_bad, ~clip_bad & ~relevance_bad, eval_reason, _flat(s["clip_reason"]),
+                     relevance_reason, columns)  # fmt: skip
+
+
+def semantic_assign(
+    joined: pa.Table, survivor: np.ndarray, target: np.ndarray, distance: np.ndarray, pairs: pa.Table, rule: KeepRule,
+    rows: ModelRows,
+) -> None:
+    """Semantic duplicates among the rows exact and near dedup kept: greedy in keep-rule order over the
+    proposed pairs; a lost row points at its kept twin of highest cosine (ties by the keep rule), and
+    every row that pointed at a lost row is re-pointed at that twin. Updates `target` and `distance`
+    (plain pHash Hamming distance to the new dup_of) in place and sets `rows.semantic`."""
+    n = joined.num_rows
+    rows.semantic = np.zeros(n, bool)
+    kept = survivor & (target == NONE)
+    if not pairs.num_rows or not kept.any():
+        return
+    uid = joined["uid"].combine_chunks()
+    ia, ib = (pc.index_in(pairs[c], value_set=uid) for c in ("uid_a", "uid_b"))
+    found = pc.and_(pc.is_valid(ia), pc.is_valid(ib)).to_numpy(zero_copy_only=False)
+    a = pc.fill_null(ia, 0).to_numpy()[found].astype(np.int64)
+    b = pc.fill_null(ib, 0).to_numpy()[found].astype(np.int64)
+    cosine = pairs["cosine"].to_numpy()[found]
+    ok = kept[a] & kept[b] & (a != b)
+    a, b, cosine = a[ok], b[ok], cosine[ok]
+    if not len(a):
+        return
+    nodes = np.unique(np.r_[a, b])
+    order = rule.order(nodes)
+    rank = np.empty(len(nodes), np.int64)
+    rank[order] = np.arange(len(nodes))
+    row_of_rank = nodes[order]
+    ra, rb = rank[np.searchsorted(nodes, a)], rank[np.searchsorted(nodes, b)]
+    node_kept = greedy_keep(len(nodes), np.minimum(ra, rb), np.maximum(ra, rb)) == -1
+    x, y, c = np.r_[ra, rb], np.r_[rb, ra], np.r_[cosine, cosine]
+    sel = ~node_kept[x] & node_kept[y]
+    x, y, c = x[sel], y[sel], c[sel]
+    o = np.lexsort((y, -c, x))  # per lost node: highest cosine first, then best rank
+    x, y = x[o], y[o]
+    head = np.r_[True, x[1:] != x[:-1]]
+    lost, twin = row_of_rank[x[head]], row_of_rank[y[head]]
+    twin_of = np.full(n, NONE, np.int64)
+    twin_of[lost] = twin
+    target[lost] = twin
+    pointing = np.nonzero(target != NONE)[0]
+    pointing = pointing[twin_of[target[pointing]] != NONE]
+    target[pointing] = twin_of[target[pointing]]
+    rows.semantic[lost] = True
+    rows.semantic[pointing] = True
+    moved = np.nonzero(rows.semantic)[0]
+    phash = pc.fill_null(joined["phash"].take(pa.array(np.r_[moved, target[moved]])), 0).to_numpy()
+    distance[moved] = popcount64(phash[: len(moved)] ^ phash[len(moved):])
+
+
+def apply_model_decisions(table: pa.Table, columns: dict[str, pa.Array]) -> pa.Table:
+    """The model columns of a decided table: clip_score and plant_score filled, `domain` of moved rows
+    replaced (their old domain in `routed_from`), and MODEL_DECISION_FIELDS added."""
+    for f in SCORE_FIELDS:
+        table = _put(table, f, columns[f.name].cast(f.type))
+    route_to = columns["route_to"]
+    i = table.schema.get_field_index("domain")
+    domain = table.column(i)
+    routed_from = pc.if_else(pc.is_valid(route_to), domain, pa.nulls(len(route_to), pa.string()))
+    table = table.set_column(i, table.schema.field(i), pc.coalesce(route_to, domain))
+    values = {"semantic_cluster": columns["semantic_cluster"], "eval_overlap": columns["eval_overlap"], "routed_from": routed_from}
+    for f in MODEL_DECISION_FIELDS:
+        table = _put(table, f, _flat(values[f.name]).cast(f.type))
+    return table

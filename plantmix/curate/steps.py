@@ -6,7 +6,7 @@ import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
 from plantmix.core.stage import Stage
-from plantmix.curate.decide import decide_to_parquet
+from plantmix.curate.decide import MODEL_DECIDE_COLUMNS, ModelProposals, decide_to_parquet
 from plantmix.curate.dedup import PAIR_SCHEMA, near_pair_proposals
 from plantmix.curate.filters import filter_proposals
 from plantmix.curate.split import check_held_out, read_held_out
@@ -59,11 +59,16 @@ def decide_stage(ctx) -> Stage:
     proposals = [ctx.path("proposals", "filters.parquet"), ctx.path("proposals", "near_pairs.parquet")]
 
     held_dir = ctx.path("proposals", "held_out")
+    # the score stage's proposals, when the recipe has model-based curation
+    model_files = [ctx.path("proposals", "model_scores.parquet"), ctx.path("proposals", "semantic_pairs.parquet")] if recipe.has_model_checks else []
 
     def run() -> None:
         held = read_held_out(held_dir)
         check_held_out(held, pq.read_table(_joined(ctx), columns=["uid"])["uid"], held_dir)
-        decide_to_parquet(_joined(ctx), *(pq.read_table(p) for p in proposals), recipe.dedup, priority, held, out)
+        model = None
+        if model_files:
+            model = ModelProposals(pq.read_table(model_files[0], columns=MODEL_DECIDE_COLUMNS), pq.read_table(model_files[1]))
+        decide_to_parquet(_joined(ctx), *(pq.read_table(p) for p in proposals), recipe.dedup, priority, held, out, model)
 
     out = ctx.path("manifest.parquet")
 
@@ -75,7 +80,7 @@ def decide_stage(ctx) -> Stage:
 
     return Stage(
         "decide", "the one decision", out, run,
-        inputs=lambda: [_joined(ctx), *proposals, *([held_dir] if held_dir.is_dir() else [])],
+        inputs=lambda: [_joined(ctx), *proposals, *model_files, *([held_dir] if held_dir.is_dir() else [])],
         params={"dedup": recipe.dedup.model_dump(), "priority": priority}, version=DECIDE_VERSION, count=count,
     )  # fmt: skip
 

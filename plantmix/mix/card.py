@@ -35,7 +35,9 @@ def _md_table(header: list[str], rows: list[list]) -> str:
 
 def _funnel_rows(build_dir: Path) -> list[list]:
     """(stage, reason, plant, general, total) summed over sources."""
-    f = funnel(pq.read_table(build_dir / "manifest.parquet", columns=_FUNNEL_COLUMNS))
+    path = build_dir / "manifest.parquet"
+    optional = ["routed_from"] if "routed_from" in pq.read_schema(path).names else []  # rows moved by relevance routing
+    f = funnel(pq.read_table(path, columns=_FUNNEL_COLUMNS + optional))
     con = duckdb.connect()
     con.register("f", f)
     return [
