@@ -9,7 +9,6 @@ import hashlib
 import io
 import json
 import os
-import resource
 import subprocess
 import sys
 import tarfile
@@ -39,7 +38,6 @@ from plantmix.stages.i2d_hooks import AREA_TOO_LARGE
 from plantmix.stages.safe_fetch import FetchPolicy, iri_to_uri, non_public_kind
 
 TWO_GB = 2 * 1024**3
-rng = np.random.default_rng(7)
 GRADIENT = np.add.outer(np.arange(64), np.arange(96)).astype(np.float64) * 255 / 158  # smooth: JPEG keeps its std
 
 
@@ -139,8 +137,8 @@ def site(tmp_path_factory, other_server):
     routes = {
         "/ok.jpg": _image_route("ok.jpg", "image/jpeg"),
         "/bomb.png": _image_route("bomb.png", "image/png"),
-        "/two-gb.bin": {**_image_route("", "image/jpeg", body_size=TWO_GB)},
-        "/two-gb-stream.bin": {**_image_route("", "image/jpeg", body_size=TWO_GB, no_length=True)},
+        "/two-gb.bin": _image_route("", "image/jpeg", body_size=TWO_GB),
+        "/two-gb-stream.bin": _image_route("", "image/jpeg", body_size=TWO_GB, no_length=True),
         "/drip.jpg": _image_route("drip.jpg", "image/jpeg", drip=0.2),
         "/redirect-same.jpg": _redirect("/ok.jpg"),
         "/redirect-port.jpg": _redirect(other_server + "/ok.jpg"),
@@ -184,6 +182,7 @@ def hostile_build(site, tmp_path_factory):
     return tmp / "build", {r["url"].removeprefix(base): r for r in manifest}, seconds
 
 
+@pytest.mark.slow  # a build (~30 s here)
 def test_every_hostile_case_ends_with_its_status_and_error(hostile_build):
     _, rows, _ = hostile_build
     assert len(rows) == len(CASES)  # every input row is in the manifest
@@ -202,11 +201,13 @@ def test_every_hostile_case_ends_with_its_status_and_error(hostile_build):
     assert "Content-Length" not in rows["/two-gb-stream.bin"]["error_message"]  # refused while streaming
 
 
+@pytest.mark.slow  # a build (~30 s here)
 def test_the_build_was_not_held_by_the_drip_or_the_big_bodies(hostile_build):
     _, _, seconds = hostile_build
     assert seconds < 120
 
 
+@pytest.mark.slow  # a build (~30 s here)
 def test_redirects_to_other_ports_and_schemes_are_refused_before_connecting(hostile_build, other_server):
     _, rows, _ = hostile_build
     port = other_server.rsplit(":", 1)[1]
@@ -216,6 +217,7 @@ def test_redirects_to_other_ports_and_schemes_are_refused_before_connecting(host
     assert rows["/redirect-same.jpg"]["sha256"] == rows["/ok.jpg"]["sha256"]  # a redirect on the allowed host
 
 
+@pytest.mark.slow  # a build (~30 s here)
 def test_sixteen_bit_pngs_keep_their_content(hostile_build, site):
     build, rows, _ = hostile_build
     views = site[1]
@@ -226,6 +228,7 @@ def test_sixteen_bit_pngs_keep_their_content(hostile_build, site):
         assert np.abs(stored.mean() - view.mean()) < 3
 
 
+@pytest.mark.slow  # a build (~30 s here)
 def test_palette_la_and_cmyk_are_converted(hostile_build, site):
     """Stored as the file shows (PIL's view of its own file), not as OpenCV's unchanged decode has it."""
     build, rows, _ = hostile_build
@@ -238,6 +241,7 @@ def test_palette_la_and_cmyk_are_converted(hostile_build, site):
         assert np.abs(stored - want).mean() < 4, (name, np.abs(stored - want).mean())
 
 
+@pytest.mark.slow  # a build (~30 s here)
 def test_exif_rotated_jpeg_is_stored_upright(hostile_build, site):
     build, rows, _ = hostile_build
     row = rows["/exif.jpg"]
@@ -248,6 +252,7 @@ def test_exif_rotated_jpeg_is_stored_upright(hostile_build, site):
     assert np.abs(stored - upright).mean() < 4
 
 
+@pytest.mark.slow  # a build (~30 s here)
 def test_gif_stores_its_first_frame(hostile_build):
     build, rows, _ = hostile_build
     stored = _stored(build, rows["/anim.gif"]).astype(np.float64)
@@ -255,10 +260,14 @@ def test_gif_stores_its_first_frame(hostile_build):
     assert np.abs(stored.mean(axis=(0, 1)) - [200, 30, 30]).max() < 8
 
 
+@pytest.mark.slow  # a build (~30 s here)
 def test_iri_is_fetched_and_the_manifest_keeps_it_as_given(hostile_build):
     _, rows, _ = hostile_build
     row = rows[IRI_PATH]
     assert row["status"] == "success" and row["sha256"] == rows["/ok.jpg"]["sha256"]
+
+
+def test_iri_to_uri_encodes_what_a_request_line_cannot_carry():
     assert iri_to_uri("http://bücher.example/a b/é?q=ü ü#frag") == "http://xn--bcher-kva.example/a%20b/%C3%A9?q=%C3%BC%20%C3%BC"
     assert iri_to_uri("http://example.org/already%20encoded?a=1&b=%2F") == "http://example.org/already%20encoded?a=1&b=%2F"
 
@@ -287,6 +296,26 @@ def test_a_bad_allowed_host_is_one_clear_error(tmp_path):
                                     "path": "x.csv"}], "download": {"allowed_hosts": [":80"]}}))  # fmt: skip
     with pytest.raises(PlantmixError, match=r"field 'download.allowed_hosts': not a host: ':80'"):
         load_recipe(path)
+
+
+@pytest.mark.slow  # a Spark session and a download (~40 s here)
+def test_the_guards_hold_under_the_pyspark_distributor(site, tmp_path):
+    from plantmix.stages.download import download_source
+
+    root, _ = site
+    paths = ["/ok.jpg", "/bomb.png", "/two-gb-stream.bin", "/redirect-port.jpg", "/gray16.png"]
+    with serve_world(root) as base:
+        rows = pa.table({"uid": [str(i) for i in range(len(paths))], "url": [base + p for p in paths],
+                         "path": pa.nulls(len(paths), pa.string()), "caption": ["a photo"] * len(paths)})  # fmt: skip
+        cfg = DownloadConfig(distributor="pyspark", processes_count=1, thread_count=8, timeout=2,
+                             allowed_hosts=[base.removeprefix("http://")])  # fmt: skip
+        download_source(rows, tmp_path / "out", cfg)
+    got = {r["uid"]: r for r in pq.read_table(tmp_path / "out" / "00000.parquet").to_pylist()}
+    for i, path in enumerate(paths):
+        status, error = CASES[path]
+        assert got[str(i)]["status"] == status and (got[str(i)]["error_message"] or "").startswith(error or ""), path
+    assert got["4"]["original_bytes"] == (root / "gray16.png").stat().st_size  # the writer hook too
+    assert "spark" in (tmp_path / "out.log").read_text().lower()
 
 
 # ---- memory: the decompression bomb is refused from its header -----------------------------------
@@ -352,21 +381,28 @@ def _sha(build: Path) -> dict[str, str]:
     return {r["path"] or r["url"]: r["sha256"] for r in pq.read_table(build / "manifest.parquet").to_pylist()}
 
 
-def test_edited_local_images_and_a_replaced_tar_redo_only_their_shards(tmp_path):
-    folder = tmp_path / "folder" / "quercus_robur"
+@pytest.mark.slow  # a build (~30 s here)
+def _local_build(tmp: Path, species: str, seed: int, tar_images: int) -> tuple[Path, Path, Recipe]:
+    """An image folder of 7 images (3 shards of 3) and a webdataset tar, built: (folder, build, recipe)."""
+    folder = tmp / "folder" / species
     folder.mkdir(parents=True)
     for i in range(7):
-        (folder / f"{i}.jpg").write_bytes(_jpeg(seed=10 + i))
-    _write_tar(tmp_path / "wds.tar", {f"s{i}": _jpeg(seed=30 + i) for i in range(5)})
-    build = tmp_path / "build"
-    recipe = _local_recipe(tmp_path)
-    run_build(recipe, build)
+        (folder / f"{i}.jpg").write_bytes(_jpeg(seed=seed + i))
+    _write_tar(tmp / "wds.tar", {f"s{i}": _jpeg(seed=seed + 20 + i) for i in range(tar_images)})
+    recipe = _local_recipe(tmp)
+    run_build(recipe, tmp / "build")
+    return folder, tmp / "build", recipe
+
+
+@pytest.mark.slow  # two builds (~60 s here)
+def test_edited_local_images_and_a_replaced_tar_redo_only_their_shards(tmp_path):
+    folder, build, recipe = _local_build(tmp_path, "quercus_robur", 10, tar_images=5)
     before_tars, before_sha = _tars(build), _sha(build)
     assert len(before_tars) == 3 + 2 and len(before_sha) == 12
 
     edited = _jpeg(seed=99)
     (folder / "4.jpg").write_bytes(edited)  # in place: same path, new bytes
-    _write_tar(tmp_path / "wds.tar", {f"s{i}": _jpeg(seed=30 + i if i != 1 else 98) for i in range(5)})
+    _write_tar(tmp_path / "wds.tar", {f"s{i}": _jpeg(seed=30 + i if i != 1 else 98) for i in range(5)})  # s1 changed
     run_build(recipe, build)
     after_tars, after_sha = _tars(build), _sha(build)
 
@@ -378,15 +414,9 @@ def test_edited_local_images_and_a_replaced_tar_redo_only_their_shards(tmp_path)
         t.startswith("download/wds/") for t in redone), redone  # one shard of each source, not all five
 
 
+@pytest.mark.slow  # three builds (~90 s here)
 def test_damaged_download_shards_are_redone_not_trusted(tmp_path):
-    folder = tmp_path / "folder" / "acer_campestre"
-    folder.mkdir(parents=True)
-    for i in range(7):
-        (folder / f"{i}.jpg").write_bytes(_jpeg(seed=50 + i))
-    _write_tar(tmp_path / "wds.tar", {f"s{i}": _jpeg(seed=70 + i) for i in range(2)})
-    build = tmp_path / "build"
-    recipe = _local_recipe(tmp_path)
-    run_build(recipe, build)
+    _, build, recipe = _local_build(tmp_path, "acer_campestre", 50, tar_images=2)
     manifest = pq.read_table(build / "manifest.parquet").select(["uid", "sha256", "status"])
     dl = build / "download" / "folder"
 

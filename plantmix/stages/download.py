@@ -38,10 +38,10 @@ import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
 from plantmix.core.errors import PlantmixError
-from plantmix.core.recipe import DownloadConfig
-from plantmix.stages.safe_fetch import FetchPolicy
 from plantmix.core.members import IMAGE_EXTS, split_member
+from plantmix.core.recipe import DownloadConfig
 from plantmix.core.stage import atomic_write_text, clear_done, done_marker, is_done, listing, mark_done, write_parquet
+from plantmix.stages.safe_fetch import FetchPolicy
 
 # img2dataset settings we fix: the manifest contract depends on them.
 _FIXED = dict(
@@ -112,12 +112,8 @@ def _file_state(path: str | None) -> str | None:
     return f"{st.st_size}:{st.st_mtime_ns}"
 
 
-def source_fingerprint(rows: pa.Table, cfg: DownloadConfig) -> str:
-    """Identity of a source's download: its settings and every shard's fingerprint."""
-    return _combine(settings_key(cfg), shard_keys(rows, cfg))
-
-
 def _combine(settings: str, shards: list[str]) -> str:
+    """Identity of a source's download: its settings and every shard's fingerprint."""
     return hashlib.sha256(json.dumps([settings, shards]).encode()).hexdigest()
 
 
