@@ -167,23 +167,27 @@ class _HTTPSConnection(http.client.HTTPSConnection):
         self._create_connection = _guarded_create_connection(policy)  # before TLS: nothing sent to a refused host
 
 
-class _HTTPHandler(urllib.request.HTTPHandler):
+class _GuardedOpen:
+    """For urllib's HTTP(S) handlers: open their requests with the guarded connection classes, the rest
+    of `do_open` (and what each Python version passes to it) unchanged."""
+
+    policy: FetchPolicy
+
+    def do_open(self, http_class, req, **kwargs):
+        guarded = _HTTPSConnection if issubclass(http_class, http.client.HTTPSConnection) else _HTTPConnection
+        return super().do_open(functools.partial(guarded, policy=self.policy), req, **kwargs)  # type: ignore[misc]
+
+
+class _HTTPHandler(_GuardedOpen, urllib.request.HTTPHandler):
     def __init__(self, policy: FetchPolicy):
         super().__init__()
         self.policy = policy
 
-    def http_open(self, req):
-        return self.do_open(_HTTPConnection, req, policy=self.policy)
 
-
-class _HTTPSHandler(urllib.request.HTTPSHandler):
+class _HTTPSHandler(_GuardedOpen, urllib.request.HTTPSHandler):
     def __init__(self, policy: FetchPolicy):
         super().__init__()
         self.policy = policy
-
-    def https_open(self, req):
-        extra = {"check_hostname": self._check_hostname} if hasattr(self, "_check_hostname") else {}
-        return self.do_open(_HTTPSConnection, req, context=self._context, policy=self.policy, **extra)
 
 
 class _RedirectHandler(urllib.request.HTTPRedirectHandler):
