@@ -318,6 +318,60 @@ def test_the_guards_hold_under_the_pyspark_distributor(site, tmp_path):
     assert "spark" in (tmp_path / "out.log").read_text().lower()
 
 
+def test_a_server_dripping_its_headers_is_stopped_at_the_deadline(monkeypatch):
+    """The deadline holds before any body: the watchdog shuts the socket a header read is blocked on."""
+    import socket
+    import threading
+
+    from img2dataset import downloader
+
+    from plantmix.stages.safe_fetch import activate
+
+    listener = socket.create_server(("127.0.0.1", 0))
+    port = listener.getsockname()[1]
+    stop = threading.Event()
+
+    def serve() -> None:
+        conn, _ = listener.accept()
+        conn.recv(65536)
+        conn.sendall(b"HTTP/1.0 200 OK\r\n")
+        for byte in b"X-Slow: " + b"a" * 10_000:  # one header byte every 0.2 s: ~30 min of headers
+            if stop.wait(0.2):
+                break
+            try:
+                conn.sendall(bytes([byte]))
+            except OSError:
+                break
+        conn.close()
+
+    thread = threading.Thread(target=serve, daemon=True)
+    thread.start()
+    for name in ("urllib", "download_image_with_retry"):  # restored after the test
+        monkeypatch.setattr(downloader, name, getattr(downloader, name))
+    activate(FetchPolicy(deadline=1.5, allowed_hosts=FetchPolicy.parse_hosts([f"127.0.0.1:{port}"])))
+    t0 = time.perf_counter()
+    _, stream, err = downloader.download_image_with_retry((0, f"http://127.0.0.1:{port}/x.jpg"), 1, 2, None, None)
+    seconds = time.perf_counter() - t0
+    stop.set()
+    listener.close()
+    assert stream is None and err == f"{ERROR_DEADLINE_EXCEEDED}: not finished after 1.5 s (download.deadline)"
+    assert seconds < 2.5
+
+
+def test_header_checks_refuse_before_decoding_and_defer_to_opencv_above_pils_limit():
+    from plantmix.stages.i2d_hooks import TOO_SMALL, prepare
+
+    bomb = _flat_png(30000, 30000, (0, 100))
+    assert prepare(io.BytesIO(bomb), 0, 64e6, float("inf"))[0] == AREA_TOO_LARGE
+    assert prepare(io.BytesIO(_flat_png(20000, 5000, (0, 10))), 0, 64e6, float("inf"))[0] == AREA_TOO_LARGE
+    assert prepare(io.BytesIO(_jpeg(size=(40, 20))), 32, 64e6, float("inf"))[0] == TOO_SMALL
+    refusal, stream = prepare(io.BytesIO(bomb), 0, 1e10, float("inf"))  # a cap above PIL's: OpenCV decides
+    assert refusal is None and stream.read() == bomb
+    ok = _jpeg()
+    refusal, stream = prepare(io.BytesIO(ok), 0, 64e6, float("inf"))
+    assert refusal is None and stream.read() == ok  # a plain 8-bit JPEG goes to OpenCV untouched
+
+
 # ---- memory: the decompression bomb is refused from its header -----------------------------------
 
 _PEAK = """

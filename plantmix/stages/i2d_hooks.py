@@ -96,8 +96,11 @@ def prepare(img_stream: io.BytesIO, min_size: float, max_area: float, max_aspect
     """(refusal, stream for OpenCV): a header refusal, or the bytes as they are, or an 8-bit PNG of them."""
     try:
         im = Image.open(img_stream)  # lazy: reads the header only
-    except Image.DecompressionBombError:  # over twice PIL's own pixel limit: above any sensible cap
-        return AREA_TOO_LARGE, img_stream
+    except Image.DecompressionBombError:  # PIL will not even say the size: over twice its own pixel limit
+        if max_area <= 2 * (Image.MAX_IMAGE_PIXELS or 0):
+            return AREA_TOO_LARGE, img_stream
+        img_stream.seek(0)  # a cap above PIL's limit: OpenCV decodes and checks, as in bare img2dataset
+        return None, img_stream
     except Exception:  # noqa: BLE001  (not an image PIL knows: OpenCV decides, as in bare img2dataset)
         img_stream.seek(0)
         return None, img_stream
