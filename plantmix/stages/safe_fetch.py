@@ -288,6 +288,8 @@ class _CappedResponse:
         self._r.close()
 
     def read(self) -> bytes:
+        if getattr(self._r, "length", None) is not None:  # Content-Length, checked against the cap already:
+            return self._whole()  # one read, as urllib's; the watchdog still ends it at the deadline
         buf = io.BytesIO()
         read1 = getattr(self._r, "read1", self._r.read)
         while chunk := read1(_CHUNK):
@@ -302,6 +304,15 @@ class _CappedResponse:
         if missing:  # read1 reports a body cut short as its end; urllib's read() raises, as here
             raise http.client.IncompleteRead(buf.getvalue(), missing)
         return buf.getvalue()
+
+
+    def _whole(self) -> bytes:
+        try:
+            return self._r.read()
+        except (OSError, http.client.HTTPException):
+            if time.monotonic() > self._deadline:
+                raise Refused(_deadline_message(self._policy)) from None
+            raise
 
 
 def guarded_urlopen(request: urllib.request.Request, timeout: float) -> _CappedResponse:
