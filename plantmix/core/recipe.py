@@ -104,7 +104,7 @@ class DownloadConfig(_Strict):
     # ... as is a URL still unfinished after `deadline` seconds of wall clock, redirects and retries
     # included (`timeout` bounds each socket wait only, so a server dripping bytes never trips it);
     # null: 3 x timeout.
-    deadline: float | None = Field(None, gt=0)
+    deadline: float | None = Field(None, gt=0, allow_inf_nan=False)
     # Hops to loopback, private, link-local or otherwise non-public addresses are refused unless this
     # is true or the host (`name` or `name:port`) is listed in allowed_hosts; the demo world's own
     # server (host:port) is always allowed, and nothing else on loopback.

@@ -35,6 +35,7 @@ import socket
 import threading
 import time
 import urllib.request
+import urllib.response
 from dataclasses import dataclass, field
 from types import SimpleNamespace
 from urllib.parse import quote, urljoin, urlsplit, urlunsplit
@@ -267,7 +268,7 @@ class _Watchdog:
 
 _watchdog = _Watchdog()
 _current = threading.local()  # this thread's fetch: deadline, policy, sockets opened for it
-_active: dict[str, FetchPolicy] = {}
+_active: dict = {}  # the policy of this process's downloads, and img2dataset's downloader module
 
 
 def _deadline_message(policy: FetchPolicy) -> str:
@@ -275,7 +276,8 @@ def _deadline_message(policy: FetchPolicy) -> str:
 
 
 class _CappedResponse:
-    """The response img2dataset reads: its headers, and a `read()` that stops at the cap and the deadline."""
+    """A response without Content-Length as img2dataset reads it: its headers, and a `read()` that
+    stops at the cap and the deadline."""
 
     def __init__(self, response, policy: FetchPolicy, deadline: float):
         self._r, self._policy, self._deadline = response, policy, deadline
@@ -288,8 +290,6 @@ class _CappedResponse:
         self._r.close()
 
     def read(self) -> bytes:
-        if getattr(self._r, "length", None) is not None:  # Content-Length, checked against the cap already:
-            return self._whole()  # one read, as urllib's; the watchdog still ends it at the deadline
         buf = io.BytesIO()
         read1 = getattr(self._r, "read1", self._r.read)
         while chunk := read1(_CHUNK):
@@ -306,34 +306,29 @@ class _CappedResponse:
         return buf.getvalue()
 
 
-    def _whole(self) -> bytes:
-        try:
-            return self._r.read()
-        except (OSError, http.client.HTTPException):
-            if time.monotonic() > self._deadline:
-                raise Refused(_deadline_message(self._policy)) from None
-            raise
-
-
-def guarded_urlopen(request: urllib.request.Request, timeout: float) -> _CappedResponse:
+def guarded_urlopen(request: urllib.request.Request, timeout: float) -> http.client.HTTPResponse | urllib.response.addinfourl | _CappedResponse:
     """`urllib.request.urlopen` as img2dataset's downloader sees it: the URL encoded, every hop guarded."""
     policy = _active["policy"]
     deadline = getattr(_current, "deadline", None) or time.monotonic() + policy.deadline
-    request.full_url = iri_to_uri(request.full_url)
+    uri = iri_to_uri(request.full_url)
+    if uri != request.full_url:
+        request.full_url = uri
     response = _opener(policy).open(request, timeout=max(0.01, min(timeout, deadline - time.monotonic())))
-    length = response.headers.get("Content-Length", "")
-    if length.strip().isdigit() and int(length) > policy.max_bytes:
+    length = response.headers.get("Content-Length", "").strip()
+    if not length.isdigit():
+        return _CappedResponse(response, policy, deadline)
+    if int(length) > policy.max_bytes:
         response.close()
         raise Refused(f"{ERROR_RESPONSE_TOO_LARGE}: Content-Length {int(length)} over {policy.max_bytes} bytes "
                       "(download.max_bytes)")  # fmt: skip
-    return _CappedResponse(response, policy, deadline)
+    # Under the cap: urllib reads exactly that many bytes in one call; should the server drip them, the
+    # watchdog shuts the socket at the deadline and download_with_guards names it.
+    return response
 
 
 def download_with_guards(row, timeout, retries, user_agent_token, disallowed_header_directives):
     """img2dataset's `download_image_with_retry` with one deadline over all tries; refusals are final."""
-    from img2dataset import downloader
-
-    policy = _active["policy"]
+    downloader, policy = _active["downloader"], _active["policy"]
     _current.deadline, _current.socks = time.monotonic() + policy.deadline, []
     try:
         for _ in range(retries + 1):
@@ -354,6 +349,6 @@ def activate(policy: FetchPolicy) -> None:
     """Route img2dataset's downloader (in this process) through the guards, with `policy`."""
     from img2dataset import downloader
 
-    _active["policy"] = policy
+    _active.update(policy=policy, downloader=downloader)
     downloader.urllib = SimpleNamespace(request=SimpleNamespace(Request=urllib.request.Request, urlopen=guarded_urlopen))
     downloader.download_image_with_retry = download_with_guards
