@@ -6,7 +6,8 @@ sleep, not the downloader), and downloads them twice with identical img2dataset 
 with `img2dataset.download` called directly. Prints images/s for both and the ratio (target ≥ 0.95).
 Then the per-image cost of plantmix's guards alone (plantmix.stages.i2d_hooks / safe_fetch: fetch
 through the guarded urlopen, header check before the decode), against img2dataset's own fetch and
-resize on the same URLs, in one thread, interleaved: a figure start-up noise cannot blur.
+resize on the same URLs, in one thread, interleaved, as CPU time of that thread (the server's threads
+and other processes on the machine left out): a figure start-up and load noise cannot blur.
 
     python benchmarks/bench_download.py [--species 24] [--images 40] [--repeats 2] [--per-image 300]
 """
@@ -50,7 +51,7 @@ def clean_rows(world: Path) -> pa.Table:
 
 
 def per_image_ms(urls: list[str], cfg: DownloadConfig, rewrite: dict[str, str], rounds: int = 3) -> dict[str, float]:
-    """ms per image of fetch + resize: img2dataset's own classes vs plantmix's hooks, interleaved."""
+    """CPU ms per image of fetch + resize in this thread: img2dataset's own classes vs plantmix's hooks."""
     import urllib.request
 
     from img2dataset import downloader
@@ -70,12 +71,12 @@ def per_image_ms(urls: list[str], cfg: DownloadConfig, rewrite: dict[str, str], 
         for _ in range(rounds):
             for name, (module, fetch, resize) in ways.items():
                 downloader.urllib = module
-                t0 = time.perf_counter()
+                t0 = time.thread_time()
                 for url in urls:
                     _, stream, err = fetch((0, url), cfg.timeout, 0, cfg.user_agent_token, None)
                     assert err is None, err
                     resize(stream)
-                seconds[name] += time.perf_counter() - t0
+                seconds[name] += time.thread_time() - t0
     finally:
         downloader.urllib, downloader.download_image_with_retry = urllib, bare_fetch
     return {name: 1e3 * s / (rounds * len(urls)) for name, s in seconds.items()}
@@ -124,7 +125,7 @@ def main() -> None:
         print(f"img2dataset : best {best['img2dataset']:.2f} s  → {rate['img2dataset']:.1f} images/s  (runs: {times['img2dataset']})")
         print(f"ratio plantmix / bare = {rate['plantmix'] / rate['img2dataset']:.3f}  (target ≥ 0.95)")
         if args.per_image:
-            print(f"per image, one thread: img2dataset fetch+resize {cost['img2dataset']:.3f} ms, with plantmix's "
+            print(f"CPU per image, one thread: img2dataset fetch+resize {cost['img2dataset']:.3f} ms, with plantmix's "
                   f"guards {cost['plantmix']:.3f} ms → ratio {cost['img2dataset'] / cost['plantmix']:.3f}")
     finally:
         shutil.rmtree(tmp, ignore_errors=True)

@@ -67,11 +67,12 @@ def _orientation(im: Image.Image) -> int:
     return int(exif.get(_ORIENTATION) or 1)
 
 
-def needs_pil(im: Image.Image, data: memoryview) -> bool:
-    """True when OpenCV would fail on the image or store it wrongly (see the module doc)."""
+def needs_pil(im: Image.Image, head: bytes) -> bool:
+    """True when OpenCV would fail on the image or store it wrongly (see the module doc); `head`: the
+    file's first 25 bytes at least."""
     if im.format not in _OPENCV_FORMATS or im.mode not in _OPENCV_MODES:
         return True
-    if im.format == "PNG" and len(data) > 24 and bytes(data[12:16]) == b"IHDR" and data[24] == 16:
+    if im.format == "PNG" and head[12:16] == b"IHDR" and head[24:25] == b"\x10":
         return True  # 16-bit RGB(A): PIL already shows it as 8-bit RGB(A)
     return _orientation(im) not in (0, 1)
 
@@ -94,6 +95,8 @@ def to_8bit(im: Image.Image) -> Image.Image:
 
 def prepare(img_stream: io.BytesIO, min_size: float, max_area: float, max_aspect: float) -> tuple[str | None, io.BytesIO]:
     """(refusal, stream for OpenCV): a header refusal, or the bytes as they are, or an 8-bit PNG of them."""
+    head = img_stream.read(25)
+    img_stream.seek(0)
     try:
         im = Image.open(img_stream)  # lazy: reads the header only
     except Image.DecompressionBombError:  # PIL will not even say the size: over twice its own pixel limit
@@ -106,7 +109,7 @@ def prepare(img_stream: io.BytesIO, min_size: float, max_area: float, max_aspect
         return None, img_stream
     with im:
         refusal = header_refusal(im, min_size, max_area, max_aspect)
-        if refusal is not None or not needs_pil(im, img_stream.getbuffer()):
+        if refusal is not None or not needs_pil(im, head):
             img_stream.seek(0)
             return refusal, img_stream
         try:
