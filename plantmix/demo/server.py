@@ -5,8 +5,8 @@ ephemeral port). Each route gives a status, content type, extra headers, a body 
 the world directory) and a delay; unknown paths are 404. Hostile routes for the download guards'
 tests: `body_size` streams that many zero bytes without holding them (`no_length`: without a
 Content-Length, so only the stream shows the size), `drip` sends the body one byte per that many
-seconds. A delayed (timeout) handler waits on the
-server's stop event, so leaving the context returns at once even while such a request is pending.
+seconds. A delayed (timeout) handler waits on the server's stop event, so leaving the context returns
+at once even while such a request is pending.
 """
 
 from __future__ import annotations
@@ -89,11 +89,12 @@ class _Handler(BaseHTTPRequestHandler):
                 return
             status, ctype, headers = route["status"], route["content_type"], route.get("headers", {})
             body = None if "body_size" in route else self.server.body(route)
-        length = int(route["body_size"]) if body is None else len(body)
+        options = route or {}
+        length = int(options["body_size"]) if body is None else len(body)
         try:
             self.send_response(status)
             self.send_header("Content-Type", ctype)
-            if not (route or {}).get("no_length"):
+            if not options.get("no_length"):
                 self.send_header("Content-Length", str(length))
             for name, value in headers.items():
                 self.send_header(name, value)
@@ -102,8 +103,8 @@ class _Handler(BaseHTTPRequestHandler):
                 return
             if body is None:
                 self._write_zeros(length)
-            elif (route or {}).get("drip"):
-                self._drip(body, float(route["drip"]))
+            elif options.get("drip"):
+                self._drip(body, float(options["drip"]))
             else:
                 self.wfile.write(body)
         except (BrokenPipeError, ConnectionResetError):
