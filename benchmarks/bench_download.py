@@ -4,8 +4,12 @@ Serves the demo world on loopback, takes its fault-free rows (timeouts would mea
 sleep, not the downloader), and downloads them twice with identical img2dataset settings: once through
 `plantmix.download.download_source` (child process, progress polling, fingerprinting, summary) and once
 with `img2dataset.download` called directly. Prints images/s for both and the ratio (target ≥ 0.95).
+Then the per-image cost of plantmix's guards alone (plantmix.stages.i2d_hooks / safe_fetch: fetch
+through the guarded urlopen, header check before the decode), against img2dataset's own fetch and
+resize on the same URLs, in one thread, interleaved, as CPU time of that thread (the server's threads
+and other processes on the machine left out): a figure start-up and load noise cannot blur.
 
-    python benchmarks/bench_download.py [--species 24] [--images 40] [--repeats 2]
+    python benchmarks/bench_download.py [--species 24] [--images 40] [--repeats 2] [--per-image 300]
 """
 
 from __future__ import annotations
@@ -26,7 +30,7 @@ import pyarrow.parquet as pq  # noqa: E402
 from plantmix.demo import DEMO_BASE_URL  # noqa: E402
 from plantmix.demo.server import serve_world  # noqa: E402
 from plantmix.demo.world import generate_world  # noqa: E402
-from plantmix.stages.download import _img2dataset_args, download_source, fetch_urls  # noqa: E402
+from plantmix.stages.download import _img2dataset_args, download_source, fetch_policy, fetch_urls  # noqa: E402
 from plantmix.stages.ingest import make_uid  # noqa: E402
 from plantmix.core.recipe import DemoWorldConfig, DownloadConfig  # noqa: E402
 
@@ -46,12 +50,45 @@ def clean_rows(world: Path) -> pa.Table:
     )
 
 
+def per_image_ms(urls: list[str], cfg: DownloadConfig, rewrite: dict[str, str], rounds: int = 3) -> dict[str, float]:
+    """CPU ms per image of fetch + resize in this thread: img2dataset's own classes vs plantmix's hooks."""
+    import urllib.request
+
+    from img2dataset import downloader
+    from img2dataset.resizer import Resizer
+
+    from plantmix.stages.i2d_hooks import SafeResizer
+    from plantmix.stages.safe_fetch import activate
+
+    kw = dict(image_size=cfg.image_size, resize_mode=cfg.resize_mode, resize_only_if_bigger=cfg.resize_only_if_bigger,
+              encode_format=cfg.encode_format, max_image_area=cfg.max_image_area)  # fmt: skip
+    bare_fetch, bare_resize, safe_resize = downloader.download_image_with_retry, Resizer(**kw), SafeResizer(**kw)
+    activate(fetch_policy(cfg, rewrite))
+    safe_fetch, shim = downloader.download_image_with_retry, downloader.urllib
+    ways = {"img2dataset": (urllib, bare_fetch, bare_resize), "plantmix": (shim, safe_fetch, safe_resize)}
+    seconds = dict.fromkeys(ways, 0.0)
+    try:
+        for _ in range(rounds):
+            for name, (module, fetch, resize) in ways.items():
+                downloader.urllib = module
+                t0 = time.thread_time()
+                for url in urls:
+                    _, stream, err = fetch((0, url), cfg.timeout, 0, cfg.user_agent_token, None)
+                    assert err is None, err
+                    resize(stream)
+                seconds[name] += time.thread_time() - t0
+    finally:
+        downloader.urllib, downloader.download_image_with_retry = urllib, bare_fetch
+    return {name: 1e3 * s / (rounds * len(urls)) for name, s in seconds.items()}
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--species", type=int, default=24)
     ap.add_argument("--images", type=int, default=40, help="images per species")
     ap.add_argument("--general", type=int, default=400)
     ap.add_argument("--repeats", type=int, default=2)
+    ap.add_argument("--per-image", type=int, default=300, help="URLs in the per-image guard cost (0: skip)")
     args = ap.parse_args()
 
     tmp = Path(tempfile.mkdtemp(prefix="bench_download_"))
@@ -80,11 +117,16 @@ def main() -> None:
                 t0 = time.perf_counter()
                 download(**bare_args)
                 times["img2dataset"].append(time.perf_counter() - t0)
+            if args.per_image:
+                cost = per_image_ms(fetch_urls(rows, rewrite).to_pylist()[: args.per_image], cfg, rewrite)
         best = {k: min(v) for k, v in times.items()}
         rate = {k: rows.num_rows / v for k, v in best.items()}
         print(f"plantmix    : best {best['plantmix']:.2f} s  → {rate['plantmix']:.1f} images/s  (runs: {times['plantmix']})")
         print(f"img2dataset : best {best['img2dataset']:.2f} s  → {rate['img2dataset']:.1f} images/s  (runs: {times['img2dataset']})")
         print(f"ratio plantmix / bare = {rate['plantmix'] / rate['img2dataset']:.3f}  (target ≥ 0.95)")
+        if args.per_image:
+            print(f"CPU per image, one thread: img2dataset fetch+resize {cost['img2dataset']:.3f} ms, with plantmix's "
+                  f"guards {cost['plantmix']:.3f} ms → ratio {cost['img2dataset'] / cost['plantmix']:.3f}")
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
 

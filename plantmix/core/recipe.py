@@ -78,7 +78,7 @@ class SourceConfig(_Strict):
 
 
 class DownloadConfig(_Strict):
-    """Passed through to img2dataset."""
+    """How sources are downloaded: img2dataset's settings, and the guards plantmix adds to its fetch."""
 
     distributor: Literal["multiprocessing", "pyspark"] = "multiprocessing"
     processes_count: int = Field(2, ge=1)
@@ -99,6 +99,30 @@ class DownloadConfig(_Strict):
     )
     allowed_schemes: list[str] = Field(default_factory=lambda: ["http", "https"])
     user_agent_token: str | None = "plantmix"
+    # Guards of plantmix's fetch (plantmix.stages.safe_fetch), on every URL and every redirect hop:
+    # a response body over max_bytes is refused (Content-Length first, then while streaming) ...
+    max_bytes: int = Field(50_000_000, ge=1)
+    # ... as is a URL still unfinished after `deadline` seconds of wall clock, redirects and retries
+    # included (`timeout` bounds each socket wait only, so a server dripping bytes never trips it);
+    # null: 3 x timeout.
+    deadline: float | None = Field(None, gt=0, allow_inf_nan=False)
+    # Hops to loopback, private, link-local or otherwise non-public addresses are refused unless this
+    # is true or the host (`name` or `name:port`) is listed in allowed_hosts; the demo world's own
+    # server (host:port) is always allowed, and nothing else on loopback.
+    allow_private_hosts: bool = False
+    allowed_hosts: list[str] = Field(default_factory=list)
+
+    @field_validator("allowed_hosts")
+    @classmethod
+    def _hosts(cls, v: list[str]) -> list[str]:
+        from plantmix.stages.safe_fetch import FetchPolicy
+
+        FetchPolicy.parse_hosts(v)  # raises ValueError naming the bad entry
+        return v
+
+    @property
+    def effective_deadline(self) -> float:
+        return self.deadline if self.deadline is not None else 3 * self.timeout
 
 
 class DedupConfig(_Strict):

@@ -57,6 +57,13 @@ STATUS_NOT_ATTEMPTED = "not_attempted"  # dropped at ingest, never sent to the d
 STATUS_MISSING = "missing_from_download"  # sent, but absent from the downloader's output
 STATUS_UNDECODABLE = "failed_to_decode"  # stored by the downloader, but its bytes do not decode
 
+# Why the download stage's guards refused a URL: the first word of its error_message (its status stays
+# img2dataset's `failed_to_download`, its drop reason `download_failed`); see plantmix.stages.safe_fetch.
+ERROR_RESPONSE_TOO_LARGE = "response_too_large"  # body over download.max_bytes (Content-Length or stream)
+ERROR_DEADLINE_EXCEEDED = "deadline_exceeded"  # the URL took longer than download.deadline in all
+ERROR_HOST_REFUSED = "host_refused"  # a hop to a loopback / private / link-local address, not allowed
+ERROR_REDIRECT_REFUSED = "redirect_refused"  # a redirect to a scheme outside download.allowed_schemes
+
 # Columns the decision step adds (DESIGN §3-4).
 DECISION_FIELDS: list[pa.Field] = [
     pa.field("captions", pa.list_(pa.string())),  # the kept row's valid captions and its group's, own first

@@ -2,8 +2,11 @@
 
 `serve_world(world_dir)` is a context manager yielding the live base URL (http://127.0.0.1:PORT on an
 ephemeral port). Each route gives a status, content type, extra headers, a body (inline or a file under
-the world directory) and a delay; unknown paths are 404. A delayed (timeout) handler waits on the
-server's stop event, so leaving the context returns at once even while such a request is pending.
+the world directory) and a delay; unknown paths are 404. Hostile routes for the download guards'
+tests: `body_size` streams that many zero bytes without holding them (`no_length`: without a
+Content-Length, so only the stream shows the size), `drip` sends the body one byte per that many
+seconds. A delayed (timeout) handler waits on the server's stop event, so leaving the context returns
+at once even while such a request is pending.
 """
 
 from __future__ import annotations
@@ -41,6 +44,7 @@ def load_routes(world_dir: Path) -> dict[str, dict]:
 class _Server(ThreadingHTTPServer):
     daemon_threads = True
     block_on_close = False  # never wait for a handler that is still sleeping
+    request_queue_size = 128  # socketserver's 5 drops the SYNs of a 32-thread downloader: 1 s retransmits
 
     def __init__(self, world_dir: Path, routes: dict[str, dict]):
         self.world_dir = Path(world_dir)
@@ -84,18 +88,40 @@ class _Handler(BaseHTTPRequestHandler):
                 self.close_connection = True
                 return
             status, ctype, headers = route["status"], route["content_type"], route.get("headers", {})
-            body = self.server.body(route)
+            body = None if "body_size" in route else self.server.body(route)
+        options = route or {}
+        length = int(options["body_size"]) if body is None else len(body)
         try:
             self.send_response(status)
             self.send_header("Content-Type", ctype)
-            self.send_header("Content-Length", str(len(body)))
+            if not options.get("no_length"):
+                self.send_header("Content-Length", str(length))
             for name, value in headers.items():
                 self.send_header(name, value)
             self.end_headers()
-            if send_body:
+            if not send_body:
+                return
+            if body is None:
+                self._write_zeros(length)
+            elif options.get("drip"):
+                self._drip(body, float(options["drip"]))
+            else:
                 self.wfile.write(body)
         except (BrokenPipeError, ConnectionResetError):
             self.close_connection = True
+
+    def _write_zeros(self, length: int) -> None:
+        block = bytes(1 << 20)
+        while length > 0 and not self.server.stopping.is_set():
+            self.wfile.write(block[: min(length, len(block))])
+            length -= len(block)
+
+    def _drip(self, body: bytes, every_s: float) -> None:
+        for i in range(len(body)):
+            self.wfile.write(body[i : i + 1])
+            self.wfile.flush()
+            if self.server.stopping.wait(every_s):
+                return
 
     def log_message(self, format: str, *args) -> None:  # noqa: A002
         pass

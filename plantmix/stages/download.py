@@ -4,7 +4,15 @@ img2dataset runs in a child process (its own process group) so that its output g
 progress bar can follow its `*_stats.json` files, and a build killed mid-download leaves no orphan
 writing into the folder: the child takes its group down when the build dies, the group id is
 recorded, and a rerun ends any survivor before resuming with img2dataset's own incremental mode
-(finished shards are kept, unfinished ones redone).
+(finished shards are kept, unfinished ones redone). Its fetch and decode run through the guards of
+plantmix.stages.i2d_hooks.
+
+What is redone is decided per img2dataset shard (rows [i·N, (i+1)·N) of the source): each has a
+fingerprint of its rows and, for local files (image folders, extracted webdataset images), their size
+and mtime, so an image edited in place changes its shard's fingerprint and only that shard is
+downloaded again. A finished shard is trusted only while its files match the listing recorded when it
+finished; after a killed run, a shard img2dataset counts as done is read back (parquet, stats, tar
+headers) before it is kept. Any other shard is deleted, and img2dataset's incremental mode redoes it.
 """
 
 from __future__ import annotations
@@ -16,18 +24,24 @@ import json
 import math
 import multiprocessing
 import os
+import re
 import shutil
 import signal
 import sys
+import tarfile
 import time
 from pathlib import Path
+from urllib.parse import urlsplit
 
 import pyarrow as pa
 import pyarrow.compute as pc
+import pyarrow.parquet as pq
 
 from plantmix.core.errors import PlantmixError
+from plantmix.core.members import IMAGE_EXTS, split_member
 from plantmix.core.recipe import DownloadConfig
-from plantmix.core.stage import atomic_write_text, is_done, mark_done, write_parquet
+from plantmix.core.stage import atomic_write_text, clear_done, done_marker, is_done, listing, mark_done, write_parquet
+from plantmix.stages.safe_fetch import FetchPolicy
 
 # img2dataset settings we fix: the manifest contract depends on them.
 _FIXED = dict(
@@ -62,16 +76,59 @@ def fetch_urls(table: pa.Table, url_rewrite: dict[str, str] | None = None) -> pa
     return pa.array(urls, pa.string())
 
 
-def source_fingerprint(rows: pa.Table, cfg: DownloadConfig) -> str:
-    """Identity of a source's download: its (uid, url, path, caption) rows and the img2dataset settings."""
+def settings_key(cfg: DownloadConfig) -> str:
+    """Identity of how a source is downloaded: img2dataset's settings, our hooks and their guards."""
     from plantmix.stages.i2d_hooks import HOOKS_VERSION
 
-    h = hashlib.sha256(json.dumps({**_img2dataset_args(cfg), "hooks": HOOKS_VERSION}, sort_keys=True).encode())
-    for col in ("uid", "url", "path", "caption"):
-        h.update(col.encode())
-        for v in rows[col].to_pylist():
-            h.update(b"\x00" if v is None else v.encode() + b"\x01")
-    return h.hexdigest()
+    guards = cfg.model_dump(include={"max_bytes", "deadline", "allow_private_hosts", "allowed_hosts"})
+    blob = {**_img2dataset_args(cfg), "hooks": HOOKS_VERSION, "guards": guards}
+    return hashlib.sha256(json.dumps(blob, sort_keys=True).encode()).hexdigest()
+
+
+def shard_keys(rows: pa.Table, cfg: DownloadConfig) -> list[str]:
+    """One fingerprint per img2dataset shard: its (uid, url, path, caption) rows and, for rows with a
+    local path, the file's (size, mtime_ns), so an edit in place is seen (see the module doc)."""
+    n = cfg.number_sample_per_shard
+    columns = [rows[c].to_pylist() for c in ("uid", "url", "path", "caption")]
+    files = [_file_state(p) for p in columns[2]]
+    keys = []
+    for start in range(0, rows.num_rows, n):
+        h = hashlib.sha256()
+        for values in (*columns, files):
+            for v in values[start : start + n]:
+                h.update(b"\x00" if v is None else v.encode() + b"\x01")
+            h.update(b"\x02")
+        keys.append(h.hexdigest())
+    return keys
+
+
+def _file_state(path: str | None) -> str | None:
+    if path is None:
+        return None
+    try:
+        st = os.stat(path)
+    except OSError:
+        return "missing"  # img2dataset will report it; a reappearing file changes the key again
+    return f"{st.st_size}:{st.st_mtime_ns}"
+
+
+def _combine(settings: str, shards: list[str]) -> str:
+    """Identity of a source's download: its settings and every shard's fingerprint."""
+    return hashlib.sha256(json.dumps([settings, shards]).encode()).hexdigest()
+
+
+def fetch_policy(cfg: DownloadConfig, url_rewrite: dict[str, str] | None = None) -> FetchPolicy:
+    """The fetch guards of a download; the hosts that `url_rewrite` sends URLs to (the demo world's
+    loopback server) are allowed by exact host and port, nothing else on them."""
+    hosts = FetchPolicy.parse_hosts(cfg.allowed_hosts)
+    for replacement in (url_rewrite or {}).values():
+        parts = urlsplit(replacement)
+        if parts.hostname:
+            hosts |= {(parts.hostname.lower(), parts.port or (443 if parts.scheme == "https" else 80))}
+    return FetchPolicy(
+        allowed_schemes=tuple(s.lower() for s in cfg.allowed_schemes), max_bytes=cfg.max_bytes,
+        deadline=cfg.effective_deadline, allow_private_hosts=cfg.allow_private_hosts, allowed_hosts=hosts,
+    )  # fmt: skip
 
 
 def _img2dataset_args(cfg: DownloadConfig) -> dict:
@@ -96,7 +153,7 @@ def _img2dataset_args(cfg: DownloadConfig) -> dict:
     )
 
 
-def _run_img2dataset(args: dict, log_path: str) -> None:
+def _run_img2dataset(args: dict, log_path: str, policy: FetchPolicy) -> None:
     """Body of the forked child: own process group, output to the log, then img2dataset's API.
 
     When the build dies, PDEATHSIG sends SIGTERM, which the child turns into a SIGKILL of its whole
@@ -143,7 +200,7 @@ def _run_img2dataset(args: dict, log_path: str) -> None:
 
     from plantmix.stages.i2d_hooks import install
 
-    install()
+    install(policy)
     download(**args)
 
 
@@ -169,21 +226,20 @@ def download_source(
 ) -> dict:
     """Download one source's fetchable rows (uid, url, path, caption) with img2dataset into `out_dir`.
 
-    Idempotent: a finished download with the same fingerprint is skipped. A partial one from the same
-    inputs resumes; anything else is wiped first. Returns a summary dict (counts by status).
+    Idempotent: a finished download with the same fingerprint and untouched files is skipped. Otherwise
+    only the shards whose rows, local files or output files changed are redone (see the module doc);
+    a change of settings redoes them all. Returns a summary dict (counts by status).
     """
     out_dir = Path(out_dir)
-    key = source_fingerprint(rows, cfg)
-    if is_done(out_dir, key):
+    settings, shards = settings_key(cfg), shard_keys(rows, cfg)
+    key = _combine(settings, shards)
+    marker = _read_json(done_marker(out_dir))
+    if is_done(out_dir, key) and _unchanged(out_dir, marker.get("outputs")):
         return {"skipped": True}
     started = out_dir.with_name(out_dir.name + ".started.json")
     _kill_leftover(started)
-    try:
-        same_inputs = json.loads(started.read_text()).get("key") == key
-    except (OSError, ValueError):
-        same_inputs = False
-    if out_dir.exists() and not same_inputs:
-        shutil.rmtree(out_dir)
+    clear_done(out_dir)
+    _keep_valid_shards(out_dir, settings, shards, previous=_read_json(started) or marker)
     # img2dataset keeps its split of the input list in `_tmp/`; a resumed run may fetch from another
     # address (the demo server's port changes), so the split is always rebuilt from the fresh input.
     shutil.rmtree(out_dir / "_tmp", ignore_errors=True)
@@ -199,9 +255,11 @@ def download_source(
     os.environ.setdefault("NO_ALBUMENTATIONS_UPDATE", "1")
     import img2dataset  # noqa: F401  (imported once here; the forked child inherits it)
 
-    proc = multiprocessing.get_context("fork").Process(target=_run_img2dataset, args=(args, str(log_path)))
+    proc = multiprocessing.get_context("fork").Process(
+        target=_run_img2dataset, args=(args, str(log_path), fetch_policy(cfg, url_rewrite))
+    )
     proc.start()
-    atomic_write_text(started, json.dumps({"key": key, "pgid": proc.pid}))
+    atomic_write_text(started, json.dumps({"key": key, "settings": settings, "shards": shards, "pgid": proc.pid}))
     try:
         while proc.is_alive():
             if progress is not None:
@@ -217,15 +275,88 @@ def download_source(
     summary = summarize_download(out_dir)
     if progress is not None:
         progress(expected_shards, expected_shards)
-    mark_done(out_dir, key, rows=rows.num_rows, **summary)
+    mark_done(out_dir, key, rows=rows.num_rows, settings=settings, shards=shards, outputs=listing(out_dir), **summary)
     started.unlink(missing_ok=True)
     return summary
 
 
+def _read_json(path: Path) -> dict:
+    try:
+        value = json.loads(Path(path).read_text())
+    except (OSError, ValueError):
+        return {}
+    return value if isinstance(value, dict) else {}
+
+
+_SHARD_FILE = re.compile(r"^(\d+)(?:\.tar|\.parquet|_stats\.json)$")
+
+
+def _by_shard(entries: list) -> dict[int, dict[str, tuple[int, int]]]:
+    """Listing entries (name, size, mtime) of img2dataset's shard files, grouped by shard id."""
+    out: dict[int, dict[str, tuple[int, int]]] = {}
+    for name, size, mtime in entries:
+        m = _SHARD_FILE.match(name)
+        if m:
+            out.setdefault(int(m.group(1)), {})[name] = (size, mtime)
+    return out
+
+
+def _unchanged(out_dir: Path, recorded: list | None) -> bool:
+    """True when the folder's files still have the (size, mtime) recorded when its download finished."""
+    return recorded is not None and _by_shard(listing(out_dir)) == _by_shard(recorded)
+
+
+def _keep_valid_shards(out_dir: Path, settings: str, shards: list[str], previous: dict) -> None:
+    """Delete every shard that cannot be kept as it is, so that img2dataset's incremental mode redoes
+    it: all of them when the settings changed; else those whose inputs changed, and those whose files
+    differ from the finished run's listing or, without one (a killed run), do not read back whole."""
+    if not out_dir.exists():
+        return
+    if previous.get("settings") != settings:
+        shutil.rmtree(out_dir)
+        return
+    old = previous.get("shards") or []
+    recorded = _by_shard(previous["outputs"]) if previous.get("outputs") is not None else None
+    for sid, files in sorted(_by_shard(listing(out_dir)).items()):
+        if sid < len(shards) and sid < len(old) and old[sid] == shards[sid]:
+            if recorded is not None and recorded.get(sid) == files:
+                continue
+            if recorded is None and shard_readable(out_dir, set(files)):
+                continue
+        for name in files:
+            (out_dir / name).unlink()
+
+
+def shard_readable(out_dir: Path, names: set[str]) -> bool:
+    """True when img2dataset finished the shard (stats written) and its parquet and tar read back
+    whole: every tar member inside the file, one image per `success` row of the parquet. A shard
+    without stats is redone by img2dataset itself."""
+    stem = next((n.split(".")[0] for n in names if n.endswith(".parquet")), None)
+    if stem is None or not {f"{stem}.tar", f"{stem}_stats.json"} <= names:
+        return False
+    try:
+        json.loads((out_dir / f"{stem}_stats.json").read_text())
+        status = pq.read_table(out_dir / f"{stem}.parquet", columns=["status"])["status"]
+        successes = pc.sum(pc.equal(status, "success")).as_py() or 0
+        return _tar_images(out_dir / f"{stem}.tar") == successes
+    except (OSError, ValueError, pa.ArrowException, tarfile.TarError, EOFError):
+        return False
+
+
+def _tar_images(path: Path) -> int:
+    """Number of image members of a tar, reading only its headers; -1 when it ends early."""
+    size, images = path.stat().st_size, 0
+    with tarfile.open(path) as tar:
+        for m in tar:
+            if m.offset_data + m.size > size:
+                return -1
+            if m.isreg() and split_member(m.name)[1].lower() in IMAGE_EXTS:
+                images += 1
+    return images
+
+
 def summarize_download(out_dir: Path) -> dict:
     """Counts by img2dataset status across a download folder's per-shard parquet files."""
-    import pyarrow.parquet as pq
-
     counts: dict[str, int] = {}
     for f in sorted(Path(out_dir).glob("*.parquet")):
         t = pq.read_table(f, columns=["status"])

@@ -250,7 +250,7 @@ def read_webdataset(pattern: str, source: str, extract_dir: Path) -> pa.Table:
             row = {"source_key": f"{shard.name}/{key}", "caption": caption, "url": meta.get("url")}
             if img_ext is not None:
                 out = extract_dir / f"{shard.stem}-{i:06d}-{safe_member_stem(key)}.{img_ext}"
-                if not out.exists():
+                if not _holds(out, parts[img_ext]):  # rewritten only when changed: its mtime keys the download
                     with atomic_path(out) as tmp:
                         tmp.write_bytes(parts[img_ext])
                 row["path"] = str(out.resolve())
@@ -261,6 +261,14 @@ def read_webdataset(pattern: str, source: str, extract_dir: Path) -> pa.Table:
                     row[k] = str(meta[k])
             rows.append(row)
     return _rows_to_table(rows)
+
+
+def _holds(path: Path, data: bytes) -> bool:
+    """True when `path` is a file with exactly these bytes (a replaced source tar's image is not)."""
+    try:
+        return path.stat().st_size == len(data) and path.read_bytes() == data
+    except OSError:
+        return False
 
 
 def _json_or_empty(data: bytes | None) -> dict:
