@@ -49,6 +49,7 @@ from plantmix.embed.store import EMBEDDINGS_DIR, ShardFiles, normalise, shard_fi
 from plantmix.embed.workers import SPARK_DAEMON, worker_env
 
 EMBED_VERSION = 1
+ENGINES = ("clip-retrieval", "open_clip")
 LOG_NAME = "embed.log"  # clip-retrieval's and Spark's chatter, under BUILD/embeddings/
 _WORK_DIR = ".work.tmp-{pid}"  # a temporary name remove_stale_temporaries recognises
 _FILE_SHARD = re.compile(r"^(?:img_emb_|text_emb_|metadata_)?(.+?)(?:\.npy|\.parquet|\.done\.json)$")
@@ -118,17 +119,21 @@ def embed_sources(
     distributor: str = "sequential",
     workers: int = 2,
     progress: Callable[[int, int, int, int], None] | None = None,
+    engine: str | None = None,
 ) -> EmbedSummary:
     """Embed every download tar of `sources` not embedded yet with this scorer (module doc).
 
     `distributor`: "sequential" (this process) or "pyspark" (clip-retrieval's pyspark strategy in a
-    local[`workers`] session). `progress(images_done, images_total, tars_done, tars_total)`.
+    local[`workers`] session). `progress(images_done, images_total, tars_done, tars_total)`. `engine`
+    forces "clip-retrieval" or "open_clip" (to compare them); by default `choose_engine` decides.
     """
     if distributor not in ("sequential", "pyspark"):
         raise PlantmixError(f"embed distributor must be sequential or pyspark; got {distributor!r}")
     build_dir = Path(build_dir)
     spec = parse_model(cfg.model, base_dir)
-    engine, reason = choose_engine(cfg)
+    engine, reason = (engine, None) if engine else choose_engine(cfg)
+    if engine not in ENGINES:
+        raise PlantmixError(f"embed engine must be one of {', '.join(ENGINES)}; got {engine!r}")
     summary = EmbedSummary(engine=engine, engine_reason=reason)
     model_fp = spec.fingerprint()  # hashes the weights: once per run
     todo = plan(build_dir, sources, scorer_identity(model_fp, cfg, image_key), image_key, summary)
@@ -345,13 +350,14 @@ def _run_pyspark(jobs: list[TarJob], spec: ScorerSpec, cfg: ScorerConfig, image_
 
     before = set(multiprocessing.active_children())
     try:
-        clip_inference(
-            input_dataset=_brace([str(j.tar) for j in jobs]), output_folder=str(work), input_format="webdataset",
-            enable_text=True, enable_image=True, enable_metadata=True, batch_size=cfg.batch_size,
-            num_prepro_workers=cfg.num_workers, wds_image_key=image_key, wds_caption_key="txt",
-            clip_model=spec.clip_retrieval_model, use_jit=False, distribution_strategy="pyspark",
-            output_partition_count=len(jobs),
-        )  # fmt: skip
+        with _main_hidden_from_spawn():
+            clip_inference(
+                input_dataset=_brace([str(j.tar) for j in jobs]), output_folder=str(work), input_format="webdataset",
+                enable_text=True, enable_image=True, enable_metadata=True, batch_size=cfg.batch_size,
+                num_prepro_workers=cfg.num_workers, wds_image_key=image_key, wds_caption_key="txt",
+                clip_model=spec.clip_retrieval_model, use_jit=False, distribution_strategy="pyspark",
+                output_partition_count=len(jobs),
+            )  # fmt: skip
     except Exception as e:  # noqa: BLE001 — a Py4J error wraps the executor's; one line, the rest in the log
         for p in set(multiprocessing.active_children()) - before:  # its stats reader waits for an "end" that never comes
             p.terminate()
@@ -361,10 +367,29 @@ def _run_pyspark(jobs: list[TarJob], spec: ScorerSpec, cfg: ScorerConfig, image_
     return [shard_files(work, str(i).zfill(width)) for i in range(len(jobs))]
 
 
+@contextlib.contextmanager
+def _main_hidden_from_spawn() -> Iterator[None]:
+    """clip_inference spawns a stats process, which would re-import our __main__ (a script, a notebook):
+    it needs nothing from it, so hide it from multiprocessing's spawn preparation for the call."""
+    main = sys.modules["__main__"]
+    saved = {k: main.__dict__[k] for k in ("__file__", "__spec__") if k in main.__dict__}
+    main.__dict__.pop("__file__", None)
+    main.__spec__ = None
+    try:
+        yield
+    finally:
+        main.__dict__.update(saved)
+
+
 def _brace(paths: list[str]) -> str:
     """A braceexpand pattern naming exactly `paths` (clip_inference takes a pattern, not a list)."""
-    esc = [re.sub(r"([{},\\])", r"\\\1", p) for p in paths]
-    return esc[0] if len(esc) == 1 else "{" + ",".join(esc) + "}"
+    from braceexpand import braceexpand
+
+    esc = [re.sub(r"([{},])", r"\\\1", p) for p in paths]
+    pattern = esc[0] if len(esc) == 1 else "{" + ",".join(esc) + "}"
+    if list(braceexpand(pattern)) != paths:  # braceexpand drops backslashes: such paths cannot be named
+        raise PlantmixError(f"clip-retrieval takes its tars as a brace pattern, which cannot name {paths[0]!r}..; rename the build directory")
+    return pattern
 
 
 @contextlib.contextmanager
