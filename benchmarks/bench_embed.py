@@ -17,6 +17,7 @@ import argparse
 import io
 import json
 import os
+import re
 import subprocess
 import sys
 import tempfile
@@ -94,7 +95,7 @@ def child(kind: str, build: Path, model: str, args) -> float:
     p = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=3600)
     if p.returncode != 0:
         raise SystemExit(f"{kind} run failed:\n{p.stderr[-3000:]}")
-    return float(p.stdout.strip().splitlines()[-1])
+    return float(re.findall(r"^RESULT (\S+)$", p.stdout, re.M)[-1])
 
 
 def main() -> None:
@@ -111,7 +112,7 @@ def main() -> None:
     ap.add_argument("--model", help=argparse.SUPPRESS)
     args = ap.parse_args()
     if args.child:
-        print(run_one(args.child, Path(args.dir), args.model, args))
+        print(f"\nRESULT {run_one(args.child, Path(args.dir), args.model, args)}")  # clip_inference prints without newlines
         return
 
     with tempfile.TemporaryDirectory() as tmp:

@@ -148,16 +148,25 @@ def embed_sources(
 
     advance(0, 0)
     write_scorer_record(build_dir, spec, cfg, model_fp)
-    if not todo:
-        return summary
-    register(spec)
-    emb_dir = build_dir / EMBEDDINGS_DIR
+    if todo:
+        register(spec)
+        _run_jobs(todo, spec, model_fp, cfg, engine, base_dir, image_key, distributor == "pyspark", workers, advance, summary)
+        summary.not_embedded.sort()
+    return summary
+
+
+def _run_jobs(
+    todo: list[TarJob], spec: ScorerSpec, model_fp: dict, cfg: ScorerConfig, engine: str, base_dir: Path | None, image_key: str,
+    spark: bool, workers: int, advance: Callable[[int, int], None], summary: EmbedSummary,
+) -> None:  # fmt: skip
+    """Embed `todo` group by group, each group's tars finalised (moved, marked) as soon as it is done."""
+    emb_dir = todo[0].folder.parent
     emb_dir.mkdir(parents=True, exist_ok=True)
     with open(emb_dir / LOG_NAME, "a") as log, contextlib.redirect_stdout(log), contextlib.ExitStack() as stack:
         stack.enter_context(warnings.catch_warnings())
         for noise in (".*'pin_memory' argument.*", "pkg_resources is deprecated"):  # clip-retrieval's, on every run
             warnings.filterwarnings("ignore", message=noise)
-        use_spark = distributor == "pyspark" and engine == "clip-retrieval"
+        use_spark = spark and engine == "clip-retrieval"
         if use_spark:
             stack.enter_context(_spark_session(workers, worker_env(spec), log))
         model = _load(spec, cfg, engine, base_dir)
@@ -179,7 +188,6 @@ def embed_sources(
                     advance(0, 1)
             finally:
                 shutil.rmtree(work, ignore_errors=True)
-    return summary
 
 
 SCORER_RECORD = "scorer.json"  # BUILD/embeddings/scorer.json: the resolved model that made the embeddings

@@ -39,6 +39,7 @@ from plantmix.embed.store import EMBEDDINGS_DIR, finished_shards, shard_files, s
 PLANT_PROMPTS = "plant-prompts"
 TAXA = [*TAXON_COLUMNS, "common_name"]
 MINE_DIR = "mine"
+QUERY_BATCH = 256  # query images decoded at once
 
 
 @dataclass(frozen=True)
@@ -63,7 +64,7 @@ def mine(
     scorer = _scorer(build_dir, recipe, scorer_model)
     q = _queries(queries, scorer, candidates, recipe)
     uids = _index_uids(index_dir)
-    ids, scores = _search(index_dir, q.vectors, k)
+    ids, scores = _search(index_dir, q.vectors, k, len(uids))
     table = _rows(ids, scores, uids, q, min_score, pool, candidates)
     write_parquet(table, Path(out))
     return table
@@ -182,15 +183,17 @@ def _queries(spec: str, scorer, candidates: pa.Table, recipe: Recipe | None) -> 
         raise PlantmixError(f"--queries {spec}: no images ({', '.join(IMAGE_EXTS)}) below {folder}")
     from PIL import Image
 
-    images, names = [], []
-    for f in files:
-        try:
-            with Image.open(f) as im:
-                images.append(im.convert("RGB"))
-        except (OSError, ValueError, Image.DecompressionBombError) as e:
-            raise PlantmixError(f"--queries {spec}: cannot read image {f}: {e}") from None
-        names.append(str(f.relative_to(folder)))
-    return Queries(names, scorer.encode_images(images), None)
+    vectors = []
+    for s in range(0, len(files), QUERY_BATCH):  # decoded pixels of one batch in memory at a time
+        images = []
+        for f in files[s : s + QUERY_BATCH]:
+            try:
+                with Image.open(f) as im:
+                    images.append(im.convert("RGB"))
+            except (OSError, ValueError, Image.DecompressionBombError) as e:
+                raise PlantmixError(f"--queries {spec}: cannot read image {f}: {e}") from None
+        vectors.append(scorer.encode_images(images))
+    return Queries([str(f.relative_to(folder)) for f in files], np.concatenate(vectors), None)
 
 
 def _index_uids(index_dir: Path) -> np.ndarray:
@@ -199,28 +202,29 @@ def _index_uids(index_dir: Path) -> np.ndarray:
     return np.array(pa.concat_arrays([pq.read_table(f, columns=["uid"])["uid"].combine_chunks().cast(pa.string()) for f in files]).to_pylist(), dtype=object)
 
 
-def _search(index_dir: Path, vectors: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
+def _search(index_dir: Path, vectors: np.ndarray, k: int, rows: int) -> tuple[np.ndarray, np.ndarray]:
     import faiss
 
     index = faiss.read_index(str(index_dir / "image.index"))
+    if index.ntotal != rows:
+        raise PlantmixError(f"{index_dir}: the index holds {index.ntotal} vectors but its metadata {rows} rows; delete {index_dir} and rerun")
     scores, ids = index.search(np.ascontiguousarray(vectors, np.float32), min(k, index.ntotal))
     return ids, scores
 
 
 def _rows(ids, scores, uids, q: Queries, min_score: float, pool: str, candidates: pa.Table) -> pa.Table:
-    """One row per pool image reached by some query at ≥ min_score: its best score and query."""
-    best: dict[str, tuple[float, int]] = {}
-    for qi in range(len(ids)):
-        for i, s in zip(ids[qi], scores[qi]):
-            if i < 0 or s < min_score:
-                continue
-            uid = uids[i]
-            if uid not in best or s > best[uid][0]:
-                best[uid] = (float(s), qi)
-    order = sorted(best, key=lambda u: (-best[u][0], u))
-    found = pa.table({"uid": pa.array(order, pa.string()), "mine_score": pa.array([best[u][0] for u in order], pa.float32()),
-                      "query": pa.array([q.texts[best[u][1]] for u in order], pa.string()),
-                      "_q": pa.array([best[u][1] for u in order], pa.int64())})  # fmt: skip
+    """One row per pool image reached by some query at ≥ min_score: its best score and query (the first
+    query on ties)."""
+    query = np.repeat(np.arange(len(ids)), ids.shape[1] if ids.ndim == 2 else 0)
+    ids, scores = ids.ravel(), scores.ravel()
+    ok = (ids >= 0) & (scores >= np.float32(min_score))
+    ids, scores, query = ids[ok], scores[ok], query[ok]
+    order = np.lexsort((query, -scores, ids))  # per image: best score first, then the first query
+    ids, scores, query = ids[order], scores[order], query[order]
+    first = np.r_[True, ids[1:] != ids[:-1]] if len(ids) else np.zeros(0, bool)
+    ids, scores, query = ids[first], scores[first], query[first]
+    found = pa.table({"uid": pa.array(uids[ids].tolist(), pa.string()), "mine_score": pa.array(scores, pa.float32()),
+                      "query": pa.array([q.texts[i] for i in query], pa.string()), "_q": pa.array(query, pa.int64())})  # fmt: skip
     pool_rows = candidates.filter(pc.equal(candidates["source"], pool))
     joined = found.join(pool_rows, "uid", join_type="left outer").sort_by([("mine_score", "descending"), ("uid", "ascending")])
     missing = pc.sum(pc.is_null(joined["source"])).as_py() or 0
