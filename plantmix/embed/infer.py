@@ -301,7 +301,7 @@ def _load(spec: ScorerSpec, cfg: ScorerConfig, engine: str, base_dir: Path | Non
         with torch.no_grad():
             dim = model.encode_text(tokenizer(["a"]).to(mapper.device)).shape[-1]
     except Exception as e:  # noqa: BLE001 — all_clip / open_clip raise many kinds; the user needs one line
-        raise PlantmixError(f"scorer.model {cfg.model!r}: clip-retrieval cannot load {name}: {type(e).__name__}: {_first_line(e)}") from None
+        raise PlantmixError(f"scorer.model {cfg.model!r}: clip-retrieval cannot load {name}: {type(e).__name__}: {_error_line(e)}") from None
     return _Model(preprocess, tokenizer, mapper, int(dim))
 
 
@@ -370,7 +370,7 @@ def _run_pyspark(jobs: list[TarJob], spec: ScorerSpec, cfg: ScorerConfig, image_
         for p in set(multiprocessing.active_children()) - before:  # its stats reader waits for an "end" that never comes
             p.terminate()
         print(repr(e), file=log)
-        raise PlantmixError(f"clip-retrieval (pyspark) failed on {jobs[0].source} {jobs[0].shard}..{jobs[-1].shard}: {_first_line(e)} (see {log.name})") from None
+        raise PlantmixError(f"clip-retrieval (pyspark) failed on {jobs[0].source} {jobs[0].shard}..{jobs[-1].shard}: {_error_line(e)} (see {log.name})") from None
     width = int(math.log10(len(jobs))) + 1  # clip-retrieval's partition file names
     return [shard_files(work, str(i).zfill(width)) for i in range(len(jobs))]
 
@@ -487,7 +487,7 @@ def _write_empty(files: ShardFiles, dim: int) -> None:
     pq.write_table(pa.table({c: pa.array([], pa.string()) for c in ("image_path", "caption", "uid")}), files.metadata)
 
 
-def _first_line(e: BaseException) -> str:
+def _error_line(e: BaseException) -> str:
     """The line that names the problem: a Py4J error wraps the worker's Python traceback, whose last
     `SomeError: message` line is the one to show."""
     lines = [ln.strip() for ln in str(e).strip().splitlines() if ln.strip()]
