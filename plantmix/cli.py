@@ -232,6 +232,30 @@ def verify(
 
 
 @app.command()
+def mine(
+    build_dir: Path = typer.Argument(..., help="A build directory whose embed stage has run (a recipe with `scorer`)."),
+    pool: str = typer.Option(..., "--pool", help="The source to mine: its embeddings (BUILD/embeddings/POOL) are indexed."),
+    queries: str = typer.Option(
+        "plant-prompts", "--queries",
+        help="plant-prompts (the recipe's plant prompts plus caption templates of the build's plant taxa), or an image folder.",
+    ),
+    k: int = typer.Option(100, "--k", help="Neighbours retrieved per query."),
+    min_score: float = typer.Option(0.25, "--min-score", help="Keep pool images whose best query cosine is at least this."),
+    out: Path = typer.Option(..., "--out", help="The URL list to write (parquet: url, caption, uid, mined_from, mine_score, query, taxa)."),
+    scorer: Optional[str] = typer.Option(
+        None, "--scorer", help="Encode queries with this model instead of the one recorded in BUILD/embeddings/scorer.json."
+    ),
+) -> None:
+    """Find images of a pool source near plant queries (clip-retrieval index + kNN); write a URL list a
+    recipe can read as a `url_list` source."""
+    from plantmix.embed.mine import mine as run_mine
+
+    with console.status(f"mining {pool}: index, encode queries, search"):
+        table = run_mine(build_dir, pool, queries, k, min_score, out, scorer_model=scorer)
+    console.print(f"[green]✓[/] {table.num_rows:,} rows from {pool} → {out}", highlight=False)
+
+
+@app.command()
 def ablate(
     recipe: Path = typer.Argument(..., help="A recipe with an `ablation:` section, or an ablation-only YAML."),
     build_dir: Optional[Path] = typer.Option(None, "--build", help="Build directory [default: ablation.build, else builds/<recipe name>]."),

@@ -43,7 +43,8 @@ class ScorerSpec:
 
     def fingerprint(self) -> dict:
         """What identifies the model's outputs: names, and the local weights' and config's content."""
-        out = {"arch": self.arch, "weights": self.weights}
+        # A local checkpoint is known by its content, not where it lies: a moved build or model keeps its fingerprint.
+        out = {"arch": self.arch, "weights": Path(self.weights).name if self.is_local else self.weights}
         for key, path in (("weights_sha256", Path(self.weights) if self.is_local else None), ("config_sha256", self.config)):
             if path is not None:
                 out[key] = _sha256(path)
@@ -129,25 +130,32 @@ class Scorer:
 
     def encode_text(self, texts: list[str]) -> np.ndarray:
         """L2-normalised float32 text embeddings, (len(texts), d)."""
-        import torch
-
-        out = []
-        with torch.no_grad(), self._autocast():
-            for i in range(0, len(texts), self.cfg.batch_size):
-                tokens = self.tokenizer(list(texts[i : i + self.cfg.batch_size])).to(self.cfg.device)
-                out.append(self.model.encode_text(tokens).float().cpu().numpy())
-        return _normalised(out)
+        bs = self.cfg.batch_size
+        return _normalised([self.encode_tokens(self.tokenizer(list(texts[i : i + bs]))) for i in range(0, len(texts), bs)])
 
     def encode_images(self, images: list) -> np.ndarray:
         """L2-normalised float32 image embeddings of PIL images, (len(images), d)."""
         import torch
 
-        out = []
+        bs = self.cfg.batch_size
+        return _normalised([
+            self.encode_pixels(torch.stack([self.preprocess(im.convert("RGB")) for im in images[i : i + bs]]))
+            for i in range(0, len(images), bs)
+        ])  # fmt: skip
+
+    def encode_pixels(self, batch) -> np.ndarray:
+        """Raw float32 image features of a preprocessed batch (a (n, 3, H, W) tensor); not normalised."""
+        import torch
+
         with torch.no_grad(), self._autocast():
-            for i in range(0, len(images), self.cfg.batch_size):
-                batch = torch.stack([self.preprocess(im.convert("RGB")) for im in images[i : i + self.cfg.batch_size]])
-                out.append(self.model.encode_image(batch.to(self.cfg.device)).float().cpu().numpy())
-        return _normalised(out)
+            return self.model.encode_image(batch.to(self.cfg.device)).float().cpu().numpy()
+
+    def encode_tokens(self, tokens) -> np.ndarray:
+        """Raw float32 text features of a tokenised batch; not normalised."""
+        import torch
+
+        with torch.no_grad(), self._autocast():
+            return self.model.encode_text(tokens.to(self.cfg.device)).float().cpu().numpy()
 
 
 def _normalised(parts: list[np.ndarray]) -> np.ndarray:
