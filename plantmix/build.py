@@ -37,7 +37,7 @@ STAGE_DESCRIPTIONS = {
     "join": "download results and hashes onto every candidate → stages/joined.parquet",
     "filter": "image size/aspect and caption rules → proposals/filters.parquet",
     "dedup": "near-duplicate pHash pairs (mirrors included) → proposals/near_pairs.parquet",
-    "score": "CLIP score, plant relevance, semantic pairs, eval overlap → proposals/model_*.parquet",
+    "score": "CLIP score, plant relevance, SemDeDup pairs, eval overlap → proposals/model_scores.parquet, semantic_pairs.parquet",
     "decide": "row-level rejections, then duplicate groups by the keep rule → manifest.parquet",
     "report": "funnel, label conflicts and plots → reports/",
     "mix": "seeded, nested selection per mix → shuffled webdataset shards + dataset card",

@@ -31,7 +31,7 @@ def build(
         None, "--distributor", help="img2dataset distributor: multiprocessing or pyspark [default: the recipe's download.distributor]."
     ),
     until: Optional[str] = typer.Option(
-        None, "--until", help="Stop after this stage: ingest, download, hashes, join, filter, dedup, decide, report, mix [default: run them all]."
+        None, "--until", help="Stop after this stage: ingest, download, hashes, embed, join, filter, dedup, score, decide, report, mix (embed and score exist only when the recipe has a scorer / model-based checks) [default: run them all]."
     ),
 ) -> None:
     """Run a recipe end to end. Finished stages are skipped; an interrupted build resumes."""
