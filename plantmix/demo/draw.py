@@ -533,11 +533,32 @@ def _layout(traits: PlantTraits, rng: np.random.Generator) -> str:
     return str(rng.choice(["closeup", "sprig", "rosette"], p=[0.4, 0.35, 0.25]))
 
 
-def draw_plant(traits: PlantTraits, rng: np.random.Generator, size: int) -> tuple[Image.Image, dict]:
-    """One photo-like image of the species; returns the image and what it shows (view, flowers, setting)."""
+def draw_plant(traits: PlantTraits, rng: np.random.Generator, size: int,
+               restyle: np.random.Generator | None = None) -> tuple[Image.Image, dict]:
+    """One photo-like image of the species; returns the image and what it shows (view, flowers, setting).
+
+    With `restyle`, the very plant that `rng` (in the same state) draws, re-photographed: the same
+    leaves and flowers, drawn from the same draws of `rng`, on a new background, slightly rotated,
+    scaled and shifted, with a colour shift and new lighting drawn from `restyle`.
+    """
+    layer, canvas, view = plant_layer(traits, rng, size)
+    if restyle is None:
+        canvas.alpha_composite(layer)
+        canvas = canvas.convert("RGB")
+    else:
+        canvas, view["background"] = _rephotograph(layer, view["background"], restyle)
+        rng = restyle
+    return _finish(canvas, rng, size), view
+
+
+def plant_layer(traits: PlantTraits, rng: np.random.Generator, size: int) -> tuple[Image.Image, Image.Image, dict]:
+    """The plant of draw_plant alone, on a transparent supersampled RGBA layer, and its background (RGBA):
+    (layer, background, view). Every stroke is opaque and leaves are pasted through binary masks, so
+    compositing the layer on the background gives exactly the drawing made straight onto it."""
     S = size * SS
     background = str(rng.choice(_PLANT_BACKGROUNDS))
-    canvas = _background(rng, S, background)
+    back = _background(rng, S, background).convert("RGBA")
+    canvas = Image.new("RGBA", (S, S), (0, 0, 0, 0))
     layout = _layout(traits, rng)
     color = _jitter(traits.leaf_color, rng, 8)
     flowering = traits.flower_petals > 0 and rng.random() < (0.45 if layout == "closeup" else 0.85)
@@ -595,8 +616,29 @@ def draw_plant(traits: PlantTraits, rng: np.random.Generator, size: int) -> tupl
             for _ in range(int(rng.integers(1, 3)) if traits.flower_petals > 4 else int(rng.integers(3, 6))):
                 at = base + np.array([rng.normal(0, S * 0.15), -S * rng.uniform(0.6, 0.85)])
                 _bloom(canvas, traits, rng, at, fr, stalk_from=base)
-    image = _finish(canvas, rng, size)
-    return image, {"layout": layout, "flowering": bool(flowering), "background": background}
+    return canvas, back, {"layout": layout, "flowering": bool(flowering), "background": background}
+
+
+def _rephotograph(plant: Image.Image, old_background: str, rng: np.random.Generator) -> tuple[Image.Image, str]:
+    """The plant layer (RGBA) moved a little (rotation up to 12 degrees, scale 0.88-1.12, shift up to 8 %),
+    colour-shifted, on another background: the same individual in a new photo, far in pHash."""
+    S = plant.size[0]
+    background = str(rng.choice([b for b in _PLANT_BACKGROUNDS if b != old_background]))
+    canvas = _background(rng, S, background).convert("RGBA")
+    angle, scale = rng.uniform(-12, 12), rng.uniform(0.88, 1.12)
+    shift = rng.uniform(-0.08, 0.08, 2) * S
+    # Inverse affine map (output -> input pixel) of rotate-and-scale about the centre, then shift.
+    a = math.radians(angle)
+    c, s = math.cos(a) / scale, math.sin(a) / scale
+    cx, cy = S / 2 + shift[0], S / 2 + shift[1]
+    matrix = (c, s, S / 2 - c * cx - s * cy, -s, c, S / 2 + s * cx - c * cy)
+    # NEAREST keeps the layer's alpha binary (no dark fringe from transparent black); the 2x supersampled
+    # canvas is box-reduced afterwards, which anti-aliases the edges.
+    moved = plant.transform((S, S), Image.AFFINE, matrix, Image.NEAREST)
+    gain = np.r_[rng.uniform(0.82, 1.18, 3), 1.0].astype(np.float32)
+    moved = Image.fromarray(np.clip(np.asarray(moved, np.float32) * gain, 0, 255).astype(np.uint8), "RGBA")
+    canvas.alpha_composite(moved)
+    return canvas.convert("RGB"), background
 
 
 # ---------------------------------------------------------------- backgrounds and finishing
