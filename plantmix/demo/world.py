@@ -13,6 +13,7 @@
                             caption_mismatch (MISMATCH_*: how the caption fails the image)
     eval/<genus_species>/NNNN.png, eval/classnames.json   held-out images of the same species
     validation/{plant,general}/00000.tar, classify/         per-domain validation (plantmix.demo.validation)
+    pretrain/00000.tar      pairs of the same world for bootstrapping the scorer model (plantmix.demo.validation)
 
 URLs use the port-free base DEMO_BASE_URL, so uids stay stable across runs; the pipeline rewrites the
 prefix to the live server's address (see plantmix.demo.server.live_url) at download time.
@@ -330,10 +331,14 @@ class _DiversityGuard:
         self.bits = np.zeros((0, 64), bool)
         self.attempt = 0  # the attempt whose drawing the last draw() kept
 
-    def draw(self, make, mirrored: bool = False):
+    def draw(self, make, mirrored: bool = False, tries: int | None = None):
         """Call make(attempt) -> (image, extra) until the image is far from all kept ones; keep it.
-        `mirrored`: its mirror image must be far from them too (near-duplicate detection checks mirrors)."""
-        for attempt in range(self.tries):
+        `mirrored`: its mirror image must be far from them too (near-duplicate detection checks mirrors);
+        `tries` overrides the instance's number of attempts.
+        With tries = 0 it keeps nothing apart: make(0), unchecked."""
+        if not self.tries:
+            return make(0)
+        for attempt in range(tries or self.tries):
             self.attempt = attempt
             image, extra = make(attempt)
             bits = imagehash.phash(image).hash.reshape(1, 64)
@@ -506,14 +511,20 @@ def _plant_model_cases(base: dict[str, list[_Row]], rows: dict[str, list[_Row]],
     n_eval = min(len(eval_items), max(len(EVAL_COPY_FAULTS), k)) if k else 0
     for n, e in enumerate(rng.choice(len(eval_items), n_eval, replace=False)):
         _insert(rows["plant"], _Row("plant", eval_items[int(e)], EVAL_COPY_FAULTS[n % len(EVAL_COPY_FAULTS)]), rng)
-    for i in range(min(k, len(spare["plant"]))):
+    made, tried = 0, 0
+    while made < k and spare["plant"]:
         origin = base["plant"][spare["plant"].pop()]
-        rephoto = _seeded(config.seed, _REPHOTO_STREAM, i)
+        rephoto = _seeded(config.seed, _REPHOTO_STREAM, tried)
+        tried += 1
         it = origin.item
         image, view = guard.draw(
-            lambda a: draw_plant(it.species.traits, np.random.default_rng(it.seed), size, restyle=rephoto(a)), mirrored=True)
+            lambda a: draw_plant(it.species.traits, np.random.default_rng(it.seed), size, restyle=rephoto(a)), mirrored=True,
+            tries=_REPHOTO_TRIES)
+        if imagehash.phash(image) - imagehash.phash(it.image) <= guard.min_distance:
+            continue  # a plant that hardly changes when moved (a few thin leaves): take another
         item = _Item("plant", image, "", it.species, "jpeg", int(rng.integers(80, 96)), view)
         _insert(rows["plant"], _Row("plant", item, "semantic_dup", origin=origin), rng, after=origin)
+        made += 1
     for item in (r.item for lst in rows.values() for r in lst if r.fault in MODEL_CURATION_FAULTS):
         if not item.data:
             item.data = _encode(item.image, item.fmt, item.quality)
@@ -673,6 +684,7 @@ def _derived_jpeg(fault: str, it: _Item, rng: np.random.Generator) -> bytes:
 # Seed streams of the world's generators: training items 1 and 2, row planning 3 and 5, eval 4, validation
 # 5-7 (plantmix.demo.validation), and the model-curation cases:
 _MODEL_PLANT_STREAM, _MODEL_SCENE_STREAM, _REPHOTO_STREAM, _MODEL_CASE_STREAM = 8, 9, 10, 11
+_REPHOTO_TRIES = 32  # a small move often stays within the guard's distance of its original: more retakes
 
 
 def _seed_of(key: tuple[int, ...], attempt: int) -> list[int]:
@@ -811,12 +823,15 @@ def generate_world(out_dir: Path, config: DemoWorldConfig) -> Path:
         items = _draw_items(selected, config, guard)
         eval_items = _draw_eval(selected, config, guard)
         n_eval = _write_eval(tmp, selected, eval_items)
-        from plantmix.demo.validation import write_validation  # it draws with this module's helpers
+        from plantmix.demo.validation import write_pretrain, write_validation  # they draw with this module's helpers
 
         validation = write_validation(tmp, selected, config, guard)
         rng = np.random.default_rng([config.seed, 3])
         rows, base, spare = _build_rows(items, config, rng)
         pending = _plant_model_cases(base, rows, spare, selected, eval_items, config, guard)
+        # Not kept apart in pHash (redraws get costly as the guard fills): their own seed streams make
+        # them new drawings, which is all a pretraining stand-in needs.
+        n_pretrain = write_pretrain(tmp, selected, config, _DiversityGuard(tries=0))
         _assign_keys(rows)
         routes = _fill_rows(tmp, rows, pending, selected, config, rng)
         text = json.dumps({"version": WORLD_VERSION, "routes": routes}, indent=1, sort_keys=True)
@@ -832,6 +847,7 @@ def generate_world(out_dir: Path, config: DemoWorldConfig) -> Path:
             "rows": {name: len(rows[name]) for name in LISTS},
             "faults": {name: dict(sorted(Counter(r.fault for r in rows[name]).items())) for name in LISTS},
             "eval_images": n_eval,
+            "pretrain_pairs": n_pretrain,
             **validation,
         }
         text = json.dumps(summary, indent=1, sort_keys=True, ensure_ascii=False)
