@@ -115,9 +115,9 @@ def relevance_study(img: np.ndarray, rows: list[dict], text_protos: dict[str, np
         p = np.exp(sims - sims.max(1, keepdims=True))
         scores[f"text:{name}"] = p[:, : len(plant)].sum(1) / p.sum(1)  # p(plant) in [0, 1]
     if len(support["plant"]) and len(support["general"]):
-        k = 5  # mean of the k nearest support images per domain
-        near = {d: np.sort(img @ support[d].T, 1)[:, -k:].mean(1) for d in support}
-        scores["images:knn5"] = (near["plant"] - near["general"] + 1) / 2
+        for k in (1, 5, 20):  # mean cosine of the k nearest support images per domain
+            near = {d: np.sort(img @ support[d].T, 1)[:, -k:].mean(1) for d in support}
+            scores[f"images:knn{k}"] = (near["plant"] - near["general"] + 1) / 2
     out = {}
     for kind, listed, flag_plant in (("plant_in_general", "general", True), ("not_a_plant", "plant", False)):
         idx = [i for i, r in enumerate(rows) if r["list"] == listed]
@@ -144,20 +144,36 @@ def clip_score_study(img: np.ndarray, txt: np.ndarray, rows: list[dict]) -> dict
                 res["threshold"] = -res["threshold"]  # back to a cosine minimum
                 res["kept_fraction"] = round(float((np.r_[clean, pos] > res["threshold"]).mean()), 3)
                 out[f"{listed}:{kind}"] = res
-    # Both domains together, each at its own cross-domain threshold (what one recipe's min per domain does).
-    flagged = tp = total = 0
-    for listed in ("plant", "general"):
-        res = out.get(f"{listed}:cross_domain")
-        if not res:
-            continue
-        own = [i for i, r in enumerate(rows) if r["list"] == listed and r["eligible"]]
-        hit = [i for i in own if cos[i] < res["threshold"] or np.isclose(cos[i], res["threshold"])]
-        target = {i for i in own if rows[i]["mismatch"] is not None}  # any planted mismatch is a right flag
-        flagged += len(hit)
-        tp += len([i for i in hit if i in target])
-        total += sum(rows[i]["mismatch"] == MISMATCH_CROSS_DOMAIN and rows[i]["image_in_list"] for i in own)
-    out["both:cross_domain_precision"] = round(tp / max(1, flagged), 3)
+    out["both:cross_domain"] = pooled_thresholds(cos, rows)
     return out
+
+
+def pooled_thresholds(cos: np.ndarray, rows: list[dict]) -> dict:
+    """Per-domain cosine minimums flagging >= RECALL_AT of the cross-domain captions of both lists
+    together, at the best precision (any planted mismatch counts as a right flag): what a recipe's
+    clip_score.min per domain can reach."""
+    lists = ("plant", "general")
+    own = {d: [i for i, r in enumerate(rows) if r["list"] == d and r["eligible"]] for d in lists}
+    target = {d: {i for i in own[d] if rows[i]["mismatch"] == MISMATCH_CROSS_DOMAIN and rows[i]["image_in_list"]} for d in lists}
+    total = sum(len(t) for t in target.values())
+    if not total:
+        return {}
+    cands = {d: sorted({float(cos[i]) + 1e-6 for i in target[d]} | {-1.0}) for d in lists}  # flag cos < t
+    best = None
+    for tp_ in cands["plant"]:
+        for tg in cands["general"]:
+            t = {"plant": tp_, "general": tg}
+            hit = [i for d in lists for i in own[d] if cos[i] < t[d]]
+            caught = sum(i in target[rows[i]["list"]] for i in hit)
+            right = sum(rows[i]["mismatch"] is not None for i in hit)
+            if caught >= RECALL_AT * total:
+                key = (right / max(1, len(hit)), -len(hit))
+                if best is None or key > best[0]:
+                    kept = {d: round(float(np.mean([cos[i] >= t[d] for i in own[d]])), 3) for d in lists}
+                    best = (key, {"min": {d: round(v, 4) for d, v in t.items()}, "recall": round(caught / total, 3),
+                                  "precision": round(right / max(1, len(hit)), 3), "flagged": len(hit),
+                                  "top_fraction": kept, "positives": total})
+    return best[1] if best else {}
 
 
 def semantic_study(img: np.ndarray, rows: list[dict]) -> dict:
