@@ -5,6 +5,13 @@
 Prints, per planted duplicate kind, the recall (the copy ends in its original's group); the precision
 of every declared link (row → dup_of is a planted pair of the same image); the bad-caption groups
 (kept row and its captions); the label conflicts; and the decision invariants.
+
+Then the model-based curation, per drop reason: the recall of its planted cases (dropped for that
+reason; and dropped for that or another reason that is also right for the row, e.g. a scene in the plant
+list dropped as clip_score_low rather than not_a_plant) and its precision (rows dropped for it that the
+truth says deserve it). "Plants in the general list" counts every plant image there, the planted ones
+and the general list's exact copies of plant-list rows (row-level reasons are decided before duplicates).
+A reason whose recipe section the build did not have is "not checked".
 """
 
 from __future__ import annotations
@@ -19,12 +26,82 @@ os.environ.setdefault("NO_ALBUMENTATIONS_UPDATE", "1")
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import pyarrow.parquet as pq  # noqa: E402
+import yaml  # noqa: E402
 
 from plantmix.curate.decide import check_invariants  # noqa: E402
+from plantmix.core.schema import (  # noqa: E402
+    DROP_CLIP_SCORE_LOW, DROP_DUPLICATE_SEMANTIC, DROP_EVAL_OVERLAP, DROP_NOT_A_PLANT, DROP_PLANT_IN_GENERAL,
+)
+from plantmix.demo.world import MISMATCH_CROSS_DOMAIN, MISMATCH_SPECIES  # noqa: E402
 from plantmix.stages.ingest import make_uid  # noqa: E402
 
 COPY_KINDS = ("exact_dup", "near_dup_reencode", "near_dup_resize", "near_dup_crop", "near_dup_mirror",
               "group_garbage_caption", "group_good_copy", "conflict_other_species")  # fmt: skip
+# drop reason -> the recipe section that proposes it
+REASON_SECTION = {DROP_EVAL_OVERLAP: "decontaminate", DROP_PLANT_IN_GENERAL: "relevance", DROP_NOT_A_PLANT: "relevance",
+                  DROP_CLIP_SCORE_LOW: "clip_score", DROP_DUPLICATE_SEMANTIC: "semantic_dedup"}
+
+
+def _plant_image(g: dict) -> bool:
+    return g["species"] is not None  # the truth names a species exactly when the image shows a plant
+
+
+# A row's truth -> is dropping it for this reason right?
+RIGHT = {
+    DROP_EVAL_OVERLAP: lambda g: g.get("eval_image") is not None,
+    DROP_PLANT_IN_GENERAL: lambda g: g["list"] == "general" and _plant_image(g),
+    DROP_NOT_A_PLANT: lambda g: g["list"] == "plant" and not _plant_image(g),
+    DROP_CLIP_SCORE_LOW: lambda g: g.get("caption_mismatch") is not None,
+}
+# (label, reason, which planted rows its recall counts)
+TARGETS = (
+    ("eval copies", DROP_EVAL_OVERLAP, RIGHT[DROP_EVAL_OVERLAP]),
+    ("plants in the general list", DROP_PLANT_IN_GENERAL, RIGHT[DROP_PLANT_IN_GENERAL]),
+    ("scenes in the plant list", DROP_NOT_A_PLANT, RIGHT[DROP_NOT_A_PLANT]),
+    ("captions naming the other domain", DROP_CLIP_SCORE_LOW,
+     lambda g: g.get("caption_mismatch") == MISMATCH_CROSS_DOMAIN and _plant_image(g) == (g["list"] == "plant")),
+    ("between-species caption swaps", DROP_CLIP_SCORE_LOW, lambda g: g.get("caption_mismatch") == MISMATCH_SPECIES),
+)
+
+
+def checked_reasons(build: Path, manifest_columns: list[str]) -> set[str]:
+    """Reasons the build could produce: their recipe section is in its lock (else: a score column exists)."""
+    lock = build / "recipe.lock.yaml"
+    if lock.is_file():
+        recipe = (yaml.safe_load(lock.read_text()) or {}).get("recipe", {})
+        return {r for r, section in REASON_SECTION.items() if recipe.get(section)}
+    columns = {DROP_CLIP_SCORE_LOW: "clip_score", DROP_PLANT_IN_GENERAL: "plant_score", DROP_NOT_A_PLANT: "plant_score",
+               DROP_EVAL_OVERLAP: "eval_overlap", DROP_DUPLICATE_SEMANTIC: "semantic_cluster"}
+    return {r for r, c in columns.items() if c in manifest_columns}
+
+
+def _pct(a: int, b: int) -> str:
+    return f"{a}/{b} = {a / b:.1%}" if b else "0/0"
+
+
+def score_model_curation(m: dict[str, dict], truth_of: dict[str, dict], checked: set[str],
+                         group_of: dict[str, str], semantic: list[tuple[str, str]]) -> list[tuple[str, str, str, str]]:
+    """(case, recall, recall by any right reason, precision of the reason) per planted model-curation kind."""
+    out = []
+    for label, reason, is_target in TARGETS:
+        if reason not in checked:
+            out.append((f"{label} ({reason})", "not checked", "", ""))
+            continue
+        targets = [u for u, g in truth_of.items() if is_target(g) and m[u]["status"] == "success"]
+        hit = sum(m[u]["drop_reason"] == reason for u in targets)
+        right_any = sum(RIGHT.get(m[u]["drop_reason"], lambda g: False)(truth_of[u]) for u in targets)
+        dropped = [u for u, r in m.items() if r["drop_reason"] == reason]
+        right = sum(RIGHT[reason](truth_of[u]) for u in dropped)
+        out.append((f"{label} ({reason})", _pct(hit, len(targets)), _pct(right_any, len(targets)), _pct(right, len(dropped))))
+    if DROP_DUPLICATE_SEMANTIC not in checked:
+        out.append((f"semantic duplicates ({DROP_DUPLICATE_SEMANTIC})", "not checked", "", ""))
+        return out
+    head = lambda u: m[u]["dup_of"] or u  # noqa: E731
+    found = sum(head(c) == head(o) for c, o in semantic)
+    dropped = [u for u, r in m.items() if r["drop_reason"] == DROP_DUPLICATE_SEMANTIC]
+    right = sum(group_of.get(u) is not None and group_of.get(u) == group_of.get(m[u]["dup_of"]) for u in dropped)
+    out.append((f"semantic duplicates ({DROP_DUPLICATE_SEMANTIC})", _pct(found, len(semantic)), "", _pct(right, len(dropped))))
+    return out
 
 
 def main() -> None:
@@ -39,6 +116,8 @@ def main() -> None:
     uid_of = {g["url"]: make_uid(source[g["list"]], key=g["key"]) for g in truth}
     planted = [(make_uid(source[g["list"]], key=g["key"]), uid_of[g["dup_of_url"]], g["fault"]) for g in truth
                if g["dup_of_url"] and g["fault"] in COPY_KINDS]  # fmt: skip
+    semantic = [(make_uid(source[g["list"]], g["key"]), uid_of[g["dup_of_url"]]) for g in truth
+                if g["fault"] == "semantic_dup"]  # fmt: skip
 
     def head(u: str) -> str:
         return m[u]["dup_of"] or u
@@ -68,6 +147,14 @@ def main() -> None:
     print(f"label conflicts flagged: {flagged}/{len(conflicts)}; rows flagged: {sum(r['label_conflict'] for r in m.values())}")
     problems = check_invariants(manifest, radius=args.radius)
     print("invariants:", "all hold" if not problems else problems)
+    same_image = dict(group_of)
+    for copy, original in semantic:  # every planted copy of one image, re-photographed ones included
+        same_image[copy] = same_image.setdefault(original, original)
+    truth_of = {uid_of[g["url"]]: g for g in truth}
+    rows = score_model_curation(m, truth_of, checked_reasons(args.build, manifest.column_names), same_image, semantic)
+    print(f"\n{'model curation case':<52} {'recall':<16} {'any right reason':<18} precision of the reason")
+    for label, recall, anyway, precision in rows:
+        print(f"{label:<52} {recall:<16} {anyway:<18} {precision}")
 
 
 if __name__ == "__main__":

@@ -19,14 +19,17 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
-from PIL import Image
+from PIL import Image, ImageOps
 
 from plantmix.demo import (
     DEMO_BASE_URL, EXPECTED_DOWNLOAD_OUTCOME, FAULTS, REFERENCE_DOWNLOAD_SETTINGS, generate_world, live_url,
     load_species_table, serve_world,
 )
+from plantmix.demo.draw import _finish, draw_plant, plant_layer
 from plantmix.demo.world import (
-    DUP_FAULTS, EXTRA_ROW_FAULTS, IN_PLACE_FAULTS, _plan_faults, select_species, species_table_path, texture_groups,
+    DUP_FAULTS, EVAL_COPY_FAULTS, EXTRA_ROW_FAULTS, IN_PLACE_FAULTS, LIST_ONLY_FAULTS, MISMATCH_CROSS_DOMAIN,
+    MISMATCH_SCENES, MISMATCH_SPECIES, MODEL_CURATION_FAULTS, _plan_faults, select_species, species_table_path,
+    texture_groups,
 )
 from plantmix.core.errors import PlantmixError
 from plantmix.core.recipe import DemoWorldConfig
@@ -38,7 +41,8 @@ SMALL = DemoWorldConfig(species=5, images_per_species=8, heldout_per_species=2, 
                         seed=7, timeout_delay_s=4)
 # Images whose bytes are a distinct, intact drawing (the fault, if any, is in the caption or headers).
 INTACT_IMAGE_FAULTS = {"ok", "mismatched_caption", "empty_caption", "non_english_caption", "garbage_caption", "noai",
-                       "timeout"}
+                       "timeout", "plant_in_general_list", "non_plant_in_plant_list", "cross_domain_caption",
+                       "species_swap_caption", "semantic_dup"}
 
 
 @pytest.fixture(scope="module")
@@ -154,7 +158,7 @@ def test_default_world_fault_share_is_realistic():
 
 # curation copies → the fault of the row they copy
 CURATION_COPIES = {"near_dup_mirror": "ok", "group_garbage_caption": "group_empty_caption",
-                   "group_good_copy": "group_empty_caption", "conflict_other_species": "ok"}
+                   "group_good_copy": "group_empty_caption", "conflict_other_species": "ok", "semantic_dup": "ok"}
 
 
 def test_ground_truth_matches_url_lists(world, truth, lists, routes):
@@ -165,8 +169,8 @@ def test_ground_truth_matches_url_lists(world, truth, lists, routes):
         assert [g["key"] for g in gt] == [r["key"] for r in rows]
         assert [g["url"] for g in gt] == [r["url"] for r in rows]
         assert all(re.fullmatch(rf"{name}-\d{{6}}", r["key"]) for r in rows)
-        plant_only = {"conflict_other_species"}  # only plant rows carry taxonomy to conflict
-        assert {g["fault"] for g in gt} == set(FAULTS) - (plant_only if name == "general" else set())
+        other = "general" if name == "plant" else "plant"
+        assert {g["fault"] for g in gt} == set(FAULTS) - set(LIST_ONLY_FAULTS[other])
     assert set(pq.read_table(world / "plant_urls.parquet").column_names) == {
         "key", "url", "caption", *TAXON_COLUMNS, "common_name", "license", "attribution"}
     assert set(pq.read_table(world / "general_urls.parquet").column_names) == {
@@ -183,6 +187,7 @@ def test_ground_truth_matches_url_lists(world, truth, lists, routes):
             assert original["fault"] == CURATION_COPIES.get(g["fault"], "ok") and original["species"] == g["species"]
         else:
             assert g["dup_of_url"] is None
+        assert (g["eval_image"] is not None) == (g["fault"] in EVAL_COPY_FAULTS)
     # Some exact duplicates put a plant image into the general list.
     assert any(g["fault"] == "exact_dup" and g["list"] == "general" and g["species"] for g in truth)
 
@@ -193,7 +198,9 @@ def test_plant_rows_carry_taxonomy_and_caption_faults_are_what_they_say(truth, l
     for g in truth:
         row = lists[g["list"]][g["row"]]
         caption = row["caption"]
-        if g["list"] == "plant" and g["fault"] not in ("mismatched_caption", "conflict_other_species"):
+        lies = ("mismatched_caption", "conflict_other_species", "species_swap_caption", "cross_domain_caption",
+                "non_plant_in_plant_list")
+        if g["list"] == "plant" and g["fault"] not in lies:
             sp = table[g["species"]]
             assert [row[c] for c in TAXON_COLUMNS] == [sp.taxonomy[r] for r in TAXON_RANKS]
             assert row["common_name"] == sp.common_name
@@ -203,9 +210,26 @@ def test_plant_rows_carry_taxonomy_and_caption_faults_are_what_they_say(truth, l
             if g["list"] == "plant":
                 assert row["taxon_species"] != g["species"]
                 assert g["species"] not in caption and table[g["species"]].common_name not in caption
+                named = any(n in caption for n in names)
+                assert g["caption_mismatch"] == (MISMATCH_SPECIES if named else MISMATCH_CROSS_DOMAIN)
             else:  # another general row's caption, or a plant's
                 others = [r["caption"] for r in lists["general"] if r["key"] != g["key"]]
-                assert caption in others or any(n in caption for n in names), caption
+                named = any(n in caption for n in names)
+                assert named or caption in others, caption
+                assert g["caption_mismatch"] == (MISMATCH_CROSS_DOMAIN if named else MISMATCH_SCENES)
+        if g["fault"] not in (*lies, "plant_in_general_list"):
+            assert g["caption_mismatch"] is None
+        elif g["fault"] == "species_swap_caption":
+            assert row["taxon_species"] != g["species"] and g["caption_mismatch"] == MISMATCH_SPECIES
+            assert row["taxon_species"] in caption or row["common_name"] in caption
+        elif g["fault"] == "non_plant_in_plant_list":  # a scene under a species' name
+            assert g["species"] is None and row["taxon_species"] and g["caption_mismatch"] == MISMATCH_CROSS_DOMAIN
+        elif g["fault"] == "cross_domain_caption":  # a plant list's scene caption, a general list's plant caption
+            assert g["caption_mismatch"] == MISMATCH_CROSS_DOMAIN
+            named = any(n in caption for n in names)
+            assert named == (g["list"] == "general") and (g["list"] == "general" or row["taxon_species"] is None)
+        elif g["fault"] == "plant_in_general_list":  # a plant photo under a vague general caption
+            assert g["species"] and not any(n in caption for n in names) and g["caption_mismatch"] is None
         elif g["fault"] in ("empty_caption", "group_empty_caption"):
             assert caption == ""
         elif g["fault"] == "non_english_caption":
@@ -246,6 +270,71 @@ def test_payloads_routes_and_duplicates(world, truth, routes):
         else:
             assert 0.88 <= a.width / b.width <= 0.97 and 0.88 <= a.height / b.height <= 0.97
         assert g["dup_phash_distance"] == imagehash.phash(a) - imagehash.phash(b)
+
+
+def test_eval_copies_are_copies_of_evaluation_images(world, truth, routes):
+    copies = [g for g in truth if g["fault"] in EVAL_COPY_FAULTS]
+    assert {g["fault"] for g in copies} == set(EVAL_COPY_FAULTS) and all(g["list"] == "plant" for g in copies)
+    assert len({g["eval_image"] for g in copies}) == len(copies)  # one copy per evaluation image
+    for g in copies:
+        data, original = _served(world, routes, g["url"]), (world / g["eval_image"]).read_bytes()
+        assert g["eval_image"].split("/")[1] == g["species"].lower().replace(" ", "_")
+        a, b = Image.open(io.BytesIO(data)), Image.open(io.BytesIO(original))
+        assert g["dup_phash_distance"] == imagehash.phash(a) - imagehash.phash(b)
+        if g["fault"] == "eval_copy_exact":
+            assert data == original
+            continue
+        assert data != original and a.format == "JPEG"
+        if g["fault"] == "eval_copy_mirror":  # far in plain pHash, near once mirrored back
+            assert g["dup_phash_distance"] > 8 and imagehash.phash(ImageOps.mirror(a)) - imagehash.phash(b) <= 8
+            continue
+        assert g["dup_phash_distance"] <= 8
+        if g["fault"] == "eval_copy_resize":
+            assert 0.55 <= a.width / b.width <= 0.9
+        elif g["fault"] == "eval_copy_crop":  # 1-3 % per side: at least a pixel on some side
+            assert 0.88 <= a.width / b.width <= 1 and 0.88 <= a.height / b.height <= 1 and a.size != b.size
+        else:
+            assert a.size == b.size
+
+
+def test_semantic_duplicates_are_the_same_plant_far_in_phash(world, truth, routes):
+    dups = [g for g in truth if g["fault"] == "semantic_dup"]
+    assert len(dups) == SMALL.species
+    for g in dups:
+        data, original = _served(world, routes, g["url"]), _served(world, routes, g["dup_of_url"])
+        a, b = Image.open(io.BytesIO(data)), Image.open(io.BytesIO(original))
+        assert a.size == b.size and g["dup_phash_distance"] == imagehash.phash(a) - imagehash.phash(b) > 8
+
+
+def test_restyle_redraws_the_same_plant_in_a_new_photo():
+    """The same draws of the plant's generator give the same plant: composited back on the original
+    background without a pose change, the restyled plant layer is the original drawing."""
+    sp = load_species_table()[3]
+    seed, size = [0, 1, 3, 0], 96
+    original, view = draw_plant(sp.traits, np.random.default_rng(seed), size)
+    again, view2 = draw_plant(sp.traits, np.random.default_rng(seed), size, restyle=np.random.default_rng(1))
+    same, _ = draw_plant(sp.traits, np.random.default_rng(seed), size, restyle=np.random.default_rng(1))
+    assert np.array_equal(np.asarray(again), np.asarray(same))  # deterministic
+    assert view2 == view and not np.array_equal(np.asarray(again), np.asarray(original))
+    rng = np.random.default_rng(seed)
+    layer, background, _ = plant_layer(sp.traits, rng, size)  # the original's draws, up to its finish
+    background.alpha_composite(layer)
+    assert np.array_equal(np.asarray(_finish(background.convert("RGB"), rng, size)), np.asarray(original))
+
+
+def test_model_curation_cases_per_list(truth, lists):
+    per = lambda name, fault: sum(g["list"] == name and g["fault"] == fault for g in truth)  # noqa: E731
+    k = SMALL.species
+    assert per("general", "plant_in_general_list") == k and per("plant", "non_plant_in_plant_list") == k
+    assert per("plant", "species_swap_caption") == per("plant", "cross_domain_caption") == k // 2
+    assert per("general", "cross_domain_caption") == k // 2
+    for g in truth:  # the image is a plant exactly when the truth names a species
+        if g["fault"] == "plant_in_general_list":
+            assert g["list"] == "general" and g["species"]
+        if g["fault"] == "non_plant_in_plant_list":
+            assert g["species"] is None
+    assert all(g["caption_mismatch"] in (None, MISMATCH_CROSS_DOMAIN, MISMATCH_SPECIES, MISMATCH_SCENES) for g in truth)
+    assert set(MODEL_CURATION_FAULTS) <= {g["fault"] for g in truth}
 
 
 def test_eval_set_is_an_image_folder_of_the_selected_species(world):

@@ -533,11 +533,38 @@ def _layout(traits: PlantTraits, rng: np.random.Generator) -> str:
     return str(rng.choice(["closeup", "sprig", "rosette"], p=[0.4, 0.35, 0.25]))
 
 
-def draw_plant(traits: PlantTraits, rng: np.random.Generator, size: int) -> tuple[Image.Image, dict]:
-    """One photo-like image of the species; returns the image and what it shows (view, flowers, setting)."""
+def draw_plant(traits: PlantTraits, rng: np.random.Generator, size: int,
+               restyle: np.random.Generator | None = None) -> tuple[Image.Image, dict]:
+    """One photo-like image of the species; returns the image and what it shows (view, flowers, setting).
+
+    With `restyle`, the very plant that `rng` (in the same state) draws, photographed again: the same
+    leaves and flowers on the same background, drawn from the same draws of `rng`, the plant slightly
+    rotated, scaled, shifted and colour-shifted, with new lighting and noise, drawn from `restyle`.
+    """
+    if restyle is None:
+        canvas, _, view = _compose(traits, rng, size, layered=False)
+    else:
+        layer, back, view = plant_layer(traits, rng, size)
+        canvas = _rephotograph(layer, back, restyle)
+        rng = restyle
+    return _finish(canvas, rng, size), view
+
+
+def plant_layer(traits: PlantTraits, rng: np.random.Generator, size: int) -> tuple[Image.Image, Image.Image, dict]:
+    """The plant of draw_plant alone, on a transparent supersampled RGBA layer, and its background (RGBA):
+    (layer, background, view). Every stroke is opaque and leaves are pasted through binary masks, so
+    compositing the layer on the background gives exactly the drawing draw_plant makes straight onto it."""
+    return _compose(traits, rng, size, layered=True)
+
+
+def _compose(traits: PlantTraits, rng: np.random.Generator, size: int,
+             layered: bool) -> tuple[Image.Image, Image.Image | None, dict]:
+    """Background, then the plant: on the background itself, or (layered) on a transparent layer of its own
+    (the slower path, so only restyled drawings take it)."""
     S = size * SS
     background = str(rng.choice(_PLANT_BACKGROUNDS))
-    canvas = _background(rng, S, background)
+    back = _background(rng, S, background)
+    canvas = Image.new("RGBA", (S, S), (0, 0, 0, 0)) if layered else back
     layout = _layout(traits, rng)
     color = _jitter(traits.leaf_color, rng, 8)
     flowering = traits.flower_petals > 0 and rng.random() < (0.45 if layout == "closeup" else 0.85)
@@ -595,8 +622,30 @@ def draw_plant(traits: PlantTraits, rng: np.random.Generator, size: int) -> tupl
             for _ in range(int(rng.integers(1, 3)) if traits.flower_petals > 4 else int(rng.integers(3, 6))):
                 at = base + np.array([rng.normal(0, S * 0.15), -S * rng.uniform(0.6, 0.85)])
                 _bloom(canvas, traits, rng, at, fr, stalk_from=base)
-    image = _finish(canvas, rng, size)
-    return image, {"layout": layout, "flowering": bool(flowering), "background": background}
+    view = {"layout": layout, "flowering": bool(flowering), "background": background}
+    return canvas, (back.convert("RGBA") if layered else None), view
+
+
+def _rephotograph(plant: Image.Image, background: Image.Image, rng: np.random.Generator) -> Image.Image:
+    """The plant layer (RGBA) moved a little (rotation up to 12 degrees, scale 0.88-1.12, shift up to 10 %)
+    and slightly colour-shifted, on its own background (RGBA): the same individual in the same place,
+    photographed again from a step aside (new lighting and noise come from _finish), far in pHash."""
+    S = plant.size[0]
+    canvas = background.copy()
+    angle, scale = rng.uniform(-12, 12), rng.uniform(0.88, 1.12)
+    shift = rng.uniform(-0.1, 0.1, 2) * S
+    # Inverse affine map (output -> input pixel) of rotate-and-scale about the centre, then shift.
+    a = math.radians(angle)
+    c, s = math.cos(a) / scale, math.sin(a) / scale
+    cx, cy = S / 2 + shift[0], S / 2 + shift[1]
+    matrix = (c, s, S / 2 - c * cx - s * cy, -s, c, S / 2 + s * cx - c * cy)
+    # NEAREST keeps the layer's alpha binary (no dark fringe from transparent black); the 2x supersampled
+    # canvas is box-reduced afterwards, which anti-aliases the edges.
+    moved = plant.transform((S, S), Image.AFFINE, matrix, Image.NEAREST)
+    gain = np.r_[rng.uniform(0.93, 1.07, 3), 1.0].astype(np.float32)
+    moved = Image.fromarray(np.clip(np.asarray(moved, np.float32) * gain, 0, 255).astype(np.uint8), "RGBA")
+    canvas.alpha_composite(moved)
+    return canvas.convert("RGB")
 
 
 # ---------------------------------------------------------------- backgrounds and finishing

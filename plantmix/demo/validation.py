@@ -6,6 +6,14 @@
     validation/general/00000.tar    held-out general scenes with their captions
     classify/<scene>/NNNN.png, classify/classnames.json   a general-domain classification set
 
+and `write_pretrain(root, ...)`:
+
+    pretrain/00000.tar              plant and general image-caption pairs, shuffled: the demo's stand-in
+                                    for the web-scale data a pretrained CLIP has seen, on which the
+                                    demo's scorer model is bootstrapped (configs/dalip-scorer.yaml). A
+                                    scorer trained on the rows it then scores learns their mismatched
+                                    captions by heart; one trained on other pairs of the same world does not.
+
 Domain-pure and drawn from their own seed streams through the world's diversity guard, so they are
 new images, far in pHash from every training and evaluation image; the mixing-law targets are the
 validation loss on the shards, the general zero-shot column of the results table the scene set.
@@ -23,8 +31,10 @@ from plantmix.demo.draw import SCENE_KINDS, draw_plant, draw_scene
 from plantmix.mix.shards import TAR_MTIME
 from plantmix.stages.captions import caption_variants_of
 
-# Stream ids of the world's seeded generators (training, lists and eval use 1 to 4).
+# Stream ids of the world's seeded generators (training, lists and eval use 1 to 4, model-curation cases 8 to 11).
 _PLANT_VALIDATION_STREAM, _GENERAL_VALIDATION_STREAM, _CLASSIFY_STREAM = 5, 6, 7
+_PLANT_PRETRAIN_STREAM, _GENERAL_PRETRAIN_STREAM, _PRETRAIN_ORDER_STREAM = 12, 13, 14
+PRETRAIN_FACTOR = 2  # the pretraining pool holds this many times the lists' own drawings, per domain
 SCENE_CLASSNAMES = {
     "street": ["a street with houses and cars", "a street"],
     "sea": ["sailboats on the sea", "the sea"],
@@ -48,30 +58,31 @@ def _write_pairs(path: Path, samples: list[dict]) -> None:
             w.write({"__key__": s["key"], "jpg": s["jpg"], "txt": s["meta"]["caption"].encode(), "json": meta.encode()})
 
 
-def _plant_pairs(selected, config, guard) -> list[dict]:
+def _plant_pairs(selected, config, guard, per_species: int, stream: int = _PLANT_VALIDATION_STREAM,
+                 prefix: str = "val") -> list[dict]:
     from plantmix.demo.world import _seeded, _with_rng, plant_caption
 
     samples = []
     for sp in selected:
         taxa = {f"taxon_{r}": v for r, v in sp.taxonomy.items()} | {"common_name": sp.common_name}
         variants = {f"caption_{t}": v for t, v in caption_variants_of(taxa).items() if v}
-        for j in range(config.validation_per_species):
-            rng_of = _seeded(config.seed, _PLANT_VALIDATION_STREAM, sp.index, j)
+        for j in range(per_species):
+            rng_of = _seeded(config.seed, stream, sp.index, j)
             image, (view, rng) = guard.draw(lambda a: _with_rng(draw_plant(sp.traits, r := rng_of(a), config.image_size), r))
             meta = {"caption": plant_caption(sp, view, rng), "domain": "plant", **variants,
                     "taxonomy": dict(sp.taxonomy), "common_name": sp.common_name}  # fmt: skip
-            samples.append({"key": f"val-plant-{sp.index:03d}-{j:03d}", "jpg": _jpeg(image), "meta": meta})
+            samples.append({"key": f"{prefix}-plant-{sp.index:03d}-{j:03d}", "jpg": _jpeg(image), "meta": meta})
     return samples
 
 
-def _general_pairs(config, guard) -> list[dict]:
+def _general_pairs(config, guard, count: int, stream: int = _GENERAL_VALIDATION_STREAM, prefix: str = "val") -> list[dict]:
     from plantmix.demo.world import _seeded
 
     samples = []
-    for g in range(config.general_validation):
-        rng_of = _seeded(config.seed, _GENERAL_VALIDATION_STREAM, g)
+    for g in range(count):
+        rng_of = _seeded(config.seed, stream, g)
         image, caption = guard.draw(lambda a: draw_scene(rng_of(a), config.image_size))
-        samples.append({"key": f"val-general-{g:04d}", "jpg": _jpeg(image), "meta": {"caption": caption, "domain": "general"}})
+        samples.append({"key": f"{prefix}-general-{g:04d}", "jpg": _jpeg(image), "meta": {"caption": caption, "domain": "general"}})
     return samples
 
 
@@ -94,9 +105,24 @@ def write_validation(root: Path, selected: list, config, guard) -> dict[str, int
     """Write the validation shards and the classification set under `root` (each only when its
     count is positive); return their sizes."""
     root = Path(root)
-    plant, general = _plant_pairs(selected, config, guard), _general_pairs(config, guard)
+    plant = _plant_pairs(selected, config, guard, config.validation_per_species)
+    general = _general_pairs(config, guard, config.general_validation)
     for name, samples in (("plant", plant), ("general", general)):
         if samples:
             _write_pairs(root / "validation" / name / "00000.tar", samples)
     classify = _write_classify(root, config, guard) if config.classify_per_class else 0
     return {"validation_plant": len(plant), "validation_general": len(general), "classify_general": classify}
+
+
+def write_pretrain(root: Path, selected: list, config, guard) -> int:
+    """Write pretrain/00000.tar (PRETRAIN_FACTOR times the lists' drawings per domain, in a seeded random
+    order so every batch mixes both domains); return its size."""
+    import numpy as np
+
+    plant = _plant_pairs(selected, config, guard, PRETRAIN_FACTOR * config.images_per_species,
+                         _PLANT_PRETRAIN_STREAM, "pretrain")
+    general = _general_pairs(config, guard, PRETRAIN_FACTOR * config.general_images, _GENERAL_PRETRAIN_STREAM, "pretrain")
+    samples = plant + general
+    order = np.random.default_rng([config.seed, _PRETRAIN_ORDER_STREAM]).permutation(len(samples))
+    _write_pairs(Path(root) / "pretrain" / "00000.tar", [samples[i] for i in order])
+    return len(samples)

@@ -7,10 +7,13 @@
     files/<list>/<key>.ext  every payload the server serves
     plant_urls.parquet      key, url, caption, taxon_kingdom .. taxon_species, common_name, license, attribution
     general_urls.parquet    key, url, caption, license, attribution
-    ground_truth.parquet    one row per URL-list row: list, row, key, url, fault, dup_of_url, species,
-                            dup_phash_distance
+    ground_truth.parquet    one row per URL-list row: list, row, key, url, fault, dup_of_url, species (what
+                            the image shows; null for a scene), dup_phash_distance (copies: to the original
+                            or evaluation image), eval_image (copies of an evaluation image: its file),
+                            caption_mismatch (MISMATCH_*: how the caption fails the image)
     eval/<genus_species>/NNNN.png, eval/classnames.json   held-out images of the same species
     validation/{plant,general}/00000.tar, classify/         per-domain validation (plantmix.demo.validation)
+    pretrain/00000.tar      pairs of the same world for bootstrapping the scorer model (plantmix.demo.validation)
 
 URLs use the port-free base DEMO_BASE_URL, so uids stay stable across runs; the pipeline rewrites the
 prefix to the live server's address (see plantmix.demo.server.live_url) at download time.
@@ -42,7 +45,7 @@ from plantmix.core.schema import TAXON_COLUMNS, TAXON_RANKS, species_folder
 from plantmix.core.stage import atomic_path, write_parquet
 
 DEMO_BASE_URL = "http://plantmix-demo.invalid"
-WORLD_VERSION = 2  # 2: curation cases (mirrored copies, a bad-caption group, a label conflict)
+WORLD_VERSION = 3  # 2: curation cases (mirrored copies, a bad-caption group, a label conflict); 3: model-curation cases
 SPECIES_TABLE = "demo_species.csv"
 LISTS = ("plant", "general")
 
@@ -63,8 +66,32 @@ CAPTION_FAULTS = ("mismatched_caption", "empty_caption", "non_english_caption", 
 #   conflict_other_species   a copy listed under another species (plant list): a label conflict
 CURATION_FAULTS = ("near_dup_mirror", "group_empty_caption", "group_garbage_caption", "group_good_copy",
                    "conflict_other_species")
-FAULTS = ("ok", *IN_PLACE_FAULTS, *EXTRA_ROW_FAULTS, *CURATION_FAULTS)
-FRESH_CAPTION_FAULTS = (*DUP_FAULTS, "near_dup_mirror", "group_good_copy")  # copies reposted with a new caption
+# Model-based curation cases (DESIGN §7), planted last from their own seed streams, so every row above
+# keeps its image, caption and payload (only keys shift):
+#   plant_in_general_list    a new plant drawing in the general list, with a general crawl's vague caption
+#   non_plant_in_plant_list  a new scene in the plant list, with a species caption and taxonomy
+#   cross_domain_caption     (in place) a clean row captioned with another row's caption of the other domain
+#   species_swap_caption     (in place, plant list) a clean row listed with another species' caption and taxonomy
+#   eval_copy_*              an exact or near copy of a held-out evaluation image, captioned as its species
+#   semantic_dup             the same individual plant photographed again (draw_plant's restyle): new
+#                            background, colours, pose; far in pHash from its original (dup_of_url)
+EVAL_COPY_FAULTS = ("eval_copy_exact", "eval_copy_reencode", "eval_copy_resize", "eval_copy_crop", "eval_copy_mirror")
+MODEL_CURATION_FAULTS = ("plant_in_general_list", "non_plant_in_plant_list", "cross_domain_caption",
+                         "species_swap_caption", *EVAL_COPY_FAULTS, "semantic_dup")
+FAULTS = ("ok", *IN_PLACE_FAULTS, *EXTRA_ROW_FAULTS, *CURATION_FAULTS, *MODEL_CURATION_FAULTS)
+# Faults planted in one list only.
+LIST_ONLY_FAULTS = {
+    "plant": ("conflict_other_species", "non_plant_in_plant_list", "species_swap_caption", *EVAL_COPY_FAULTS,
+              "semantic_dup"),
+    "general": ("plant_in_general_list",),
+}
+# copies and new photos posted with a fresh caption (a vague one when a plant lands in the general list)
+FRESH_CAPTION_FAULTS = (*DUP_FAULTS, "near_dup_mirror", "group_good_copy", "plant_in_general_list", *EVAL_COPY_FAULTS,
+                        "semantic_dup")
+# ground_truth.caption_mismatch: how a row's caption fails its image (null: it does not)
+MISMATCH_CROSS_DOMAIN = "cross_domain"  # names the other domain (a scene for a plant, a species for a scene)
+MISMATCH_SPECIES = "between_species"  # names another species
+MISMATCH_SCENES = "between_scenes"  # describes another general scene
 _FAULT_CAP = {"timeout": 3, "huge": 2}  # per list: each costs a download thread or ~100 MB of decode
 
 # img2dataset settings under which EXPECTED_DOWNLOAD_OUTCOME was measured (img2dataset 1.47, OpenCV 4.11,
@@ -101,7 +128,7 @@ EXPECTED_DOWNLOAD_OUTCOME: dict[str, tuple[str, str | None]] = {
     "noai": ("failed_to_download", r"Use of image disallowed by X-Robots-Tag directive"),
     "bad_scheme": ("failed_to_download", r"<urlopen error .*>"),
     "repeated_row": ("success", None),
-    **{f: ("success", None) for f in CURATION_FAULTS},
+    **{f: ("success", None) for f in (*CURATION_FAULTS, *MODEL_CURATION_FAULTS)},
 }
 
 _TRAIT_COLUMNS = ("leaf_shape", "margin", "venation", "leaf_color", "flower_petals", "flower_color", "vein_pairs",
@@ -118,6 +145,7 @@ _NON_ENGLISH = {  # non-Latin scripts only, so no Latin-letter heuristic mistake
 }
 _GARBAGE = ("IMG_{n4}.JPG", "DSC{n5}", "####!!!!", "_MG_{n4}.CR2", "{n8}_{n6}.jpg", "P{n7}", "???? ????", "-----",
             "0x{n6}")
+_LIE_VIEW = {"layout": "sprig", "flowering": False, "background": "soil"}  # what a borrowed caption describes
 _CROSS_LIST_CAPTIONS = ("green leaves close-up", "a plant in my garden", "nature photo", "leaf macro shot",
                         "spring in the park", "botanical study")
 _BACKGROUND_WORDS = {"soil": "dark soil", "sky": "a sky background", "paper": "a white background", "stone": "stone",
@@ -301,13 +329,21 @@ class _DiversityGuard:
     def __init__(self, min_distance: int = 12, tries: int = 8):
         self.min_distance, self.tries = min_distance, tries
         self.bits = np.zeros((0, 64), bool)
+        self.attempt = 0  # the attempt whose drawing the last draw() kept
 
-    def draw(self, make):
-        """Call make(attempt) -> (image, extra) until the image is far from all kept ones; keep it."""
-        for attempt in range(self.tries):
+    def draw(self, make, mirrored: bool = False, tries: int | None = None):
+        """Call make(attempt) -> (image, extra) until the image is far from all kept ones; keep it.
+        `mirrored`: its mirror image must be far from them too (near-duplicate detection checks mirrors);
+        `tries` overrides the instance's number of attempts.
+        With tries = 0 it keeps nothing apart: make(0), unchecked."""
+        if not self.tries:
+            return make(0)
+        for attempt in range(tries or self.tries):
+            self.attempt = attempt
             image, extra = make(attempt)
             bits = imagehash.phash(image).hash.reshape(1, 64)
-            if not len(self.bits) or (self.bits != bits).sum(1).min() > self.min_distance:
+            views = [bits, imagehash.phash(ImageOps.mirror(image)).hash.reshape(1, 64)] if mirrored else [bits]
+            if not len(self.bits) or min((self.bits != v).sum(1).min() for v in views) > self.min_distance:
                 break
         self.bits = np.concatenate([self.bits, bits])
         return image, extra
@@ -328,6 +364,8 @@ class _Item:
     quality: int
     view: dict = field(default_factory=dict)  # what a plant image shows (draw_plant's description)
     data: bytes = b""
+    seed: list[int] | None = None  # the drawing's generator seed (plants): replaying it redraws the same plant
+    eval_path: str | None = None  # held-out evaluation images: the file, relative to the world
 
 
 @dataclass(eq=False)
@@ -346,6 +384,7 @@ class _Row:
     payload: bytes | None = None  # bytes to store; None when there is none or it is the original's file
     file: str | None = None
     phash_distance: int | None = None  # duplicates: pHash distance to the original's served bytes
+    mismatch: str | None = None  # MISMATCH_*: how the caption fails the image
 
 
 def _plan_faults(n: int, rate: float, rng: np.random.Generator, cross_pool: list[int] | None = None):
@@ -386,7 +425,8 @@ def _plan_faults(n: int, rate: float, rng: np.random.Generator, cross_pool: list
 
 
 def _build_rows(items: dict[str, list[_Item]], config: DemoWorldConfig,
-                rng: np.random.Generator) -> dict[str, list[_Row]]:
+                rng: np.random.Generator) -> tuple[dict[str, list[_Row]], dict[str, list[_Row]], dict[str, list[int]]]:
+    """The crawl faults and curation cases: (rows per list, the drawn items' own rows, unused item indices)."""
     plan_plant = _plan_faults(len(items["plant"]), config.fault_rate, rng)
     plan_general = _plan_faults(len(items["general"]), config.fault_rate, rng, cross_pool=plan_plant[2])
     rows: dict[str, list[_Row]] = {}
@@ -402,14 +442,17 @@ def _build_rows(items: dict[str, list[_Item]], config: DemoWorldConfig,
         rows[name] = lst
     spare = {"plant": plan_plant[2], "general": plan_general[2]}
     _plant_curation_cases(base, rows, spare, config, np.random.default_rng([config.seed, 5]))
-    # Keys in final list order; a repeated row reuses its original's key.
+    return rows, base, spare
+
+
+def _assign_keys(rows: dict[str, list[_Row]]) -> None:
+    """Keys in final list order; a repeated row reuses its original's key."""
     for name in LISTS:
         n = 0
         for r in rows[name]:
             if r.fault != "repeated_row":
                 r.key = f"{name}-{n:06d}"
                 n += 1
-    return rows
 
 
 def _plant_curation_cases(base: dict[str, list[_Row]], rows: dict[str, list[_Row]], spare: dict[str, list[int]],
@@ -433,6 +476,62 @@ def _plant_curation_cases(base: dict[str, list[_Row]], rows: dict[str, list[_Row
                 for fault in copies:
                     lo = lst.index(origin) + 1
                     lst.insert(int(rng.integers(lo, len(lst) + 1)), _Row(name, origin.item, fault, origin=origin))
+
+
+def _model_case_count(config: DemoWorldConfig) -> int:
+    """Planted cases per model-curation kind: one per species (enough for a recall figure), none in a
+    fault-free world."""
+    return config.species if config.fault_rate > 0 else 0
+
+
+def _insert(lst: list[_Row], row: _Row, rng: np.random.Generator, after: _Row | None = None) -> None:
+    lo = lst.index(after) + 1 if after is not None else 0  # a copy comes after its original
+    lst.insert(int(rng.integers(lo, len(lst) + 1)), row)
+
+
+def _plant_model_cases(base: dict[str, list[_Row]], rows: dict[str, list[_Row]], spare: dict[str, list[int]],
+                       selected: list[Species], eval_items: list[_Item], config: DemoWorldConfig,
+                       guard: _DiversityGuard) -> list[tuple[_Row, str]]:
+    """Add the model-curation cases (MODEL_CURATION_FAULTS). New drawings go through the diversity guard;
+    the in-place caption cases are returned as (row, fault), applied once every other row is filled (until
+    then they are clean rows, so the crawl faults' random draws stay what they were)."""
+    k = _model_case_count(config)
+    rng = np.random.default_rng([config.seed, _MODEL_CASE_STREAM])
+    size = config.image_size
+    for i in range(k):  # plants crawled as general images, and general images crawled as plants
+        sp = selected[i % len(selected)]
+        rng_of = _seeded(config.seed, _MODEL_PLANT_STREAM, sp.index, i)
+        image, (view, r) = guard.draw(lambda a: _with_rng(draw_plant(sp.traits, x := rng_of(a), size), x), mirrored=True)
+        item = _Item("plant", image, "", sp, "jpeg", int(r.integers(80, 96)), view)
+        _insert(rows["general"], _Row("general", item, "plant_in_general_list"), rng)
+        rng_of = _seeded(config.seed, _MODEL_SCENE_STREAM, i)
+        image, (caption, r) = guard.draw(lambda a: _with_rng(draw_scene(x := rng_of(a), size), x), mirrored=True)
+        item = _Item("general", image, caption, None, "jpeg", int(r.integers(80, 96)))
+        _insert(rows["plant"], _Row("plant", item, "non_plant_in_plant_list"), rng)
+    n_eval = min(len(eval_items), max(len(EVAL_COPY_FAULTS), k)) if k else 0
+    for n, e in enumerate(rng.choice(len(eval_items), n_eval, replace=False)):
+        _insert(rows["plant"], _Row("plant", eval_items[int(e)], EVAL_COPY_FAULTS[n % len(EVAL_COPY_FAULTS)]), rng)
+    made, tried = 0, 0
+    while made < k and spare["plant"]:
+        origin = base["plant"][spare["plant"].pop()]
+        rephoto = _seeded(config.seed, _REPHOTO_STREAM, tried)
+        tried += 1
+        it = origin.item
+        image, view = guard.draw(
+            lambda a: draw_plant(it.species.traits, np.random.default_rng(it.seed), size, restyle=rephoto(a)), mirrored=True,
+            tries=_REPHOTO_TRIES)
+        if imagehash.phash(image) - imagehash.phash(it.image) <= guard.min_distance:
+            continue  # a plant that hardly changes when moved (a few thin leaves): take another
+        item = _Item("plant", image, "", it.species, "jpeg", int(rng.integers(80, 96)), view)
+        _insert(rows["plant"], _Row("plant", item, "semantic_dup", origin=origin), rng, after=origin)
+        made += 1
+    for item in (r.item for lst in rows.values() for r in lst if r.fault in MODEL_CURATION_FAULTS):
+        if not item.data:
+            item.data = _encode(item.image, item.fmt, item.quality)
+    pending = [(base[name][spare[name].pop()], "cross_domain_caption")
+               for name in LISTS for _ in range(min(k // 2, len(spare[name])))]
+    pending += [(base["plant"][spare["plant"].pop()], "species_swap_caption") for _ in range(min(k // 2, len(spare["plant"])))]
+    return pending
 
 
 def _fill_row(r: _Row, honest: dict[str, list[str]], selected: list[Species], config: DemoWorldConfig,
@@ -470,25 +569,34 @@ def _set_caption(r: _Row, honest: dict[str, list[str]], selected: list[Species],
             r.caption = str(rng.choice(_CROSS_LIST_CAPTIONS))
     elif f == "mismatched_caption" and r.list == "plant":
         if rng.random() < 0.5 or not honest["general"]:  # another species' caption, with its taxonomy
-            others = [s for s in selected if s is not it.species]
-            lie = others[int(rng.integers(0, len(others)))]
-            view = {"layout": "sprig", "flowering": False, "background": "soil"}
-            r.caption, r.taxa = plant_caption(lie, view, rng), lie
+            _other_species(r, selected, _LIE_VIEW, rng)
         else:
-            r.caption, r.taxa = str(rng.choice(honest["general"])), None
+            r.caption, r.taxa, r.mismatch = str(rng.choice(honest["general"])), None, MISMATCH_CROSS_DOMAIN
     elif f == "mismatched_caption":
         pool = [c for c in honest["general"] if c != it.caption] if rng.random() < 0.5 else []
         r.caption = str(rng.choice(pool or honest["plant"]))
+        r.mismatch = MISMATCH_SCENES if pool else MISMATCH_CROSS_DOMAIN
+    elif f == "cross_domain_caption":  # a plant list carries no taxonomy for a scene's caption
+        r.caption = str(rng.choice(honest["general" if r.list == "plant" else "plant"]))
+        r.taxa, r.mismatch = (None if r.list == "plant" else r.taxa), MISMATCH_CROSS_DOMAIN
+    elif f == "non_plant_in_plant_list":  # a scene filed under a species
+        _other_species(r, selected, _LIE_VIEW, rng)
+        r.mismatch = MISMATCH_CROSS_DOMAIN
     elif f in ("empty_caption", "group_empty_caption"):
         r.caption = ""
-    elif f == "conflict_other_species":  # the same photo filed under another species
-        others = [s for s in selected if s is not it.species]
-        lie = others[int(rng.integers(0, len(others)))]
-        r.caption, r.taxa = plant_caption(lie, it.view, rng), lie
+    elif f in ("conflict_other_species", "species_swap_caption"):  # the same photo filed under another species
+        _other_species(r, selected, it.view, rng)
     elif f == "non_english_caption":
         r.caption = str(rng.choice(_NON_ENGLISH[r.list]))
     elif f in ("garbage_caption", "group_garbage_caption"):
         r.caption = _garbage_caption(rng)
+
+
+def _other_species(r: _Row, selected: list[Species], view: dict, rng: np.random.Generator) -> None:
+    """Caption and taxonomy of a species the row's image is not."""
+    others = [s for s in selected if s is not r.item.species]
+    lie = others[int(rng.integers(0, len(others)))]
+    r.caption, r.taxa, r.mismatch = plant_caption(lie, view, rng), lie, MISMATCH_SPECIES
 
 
 def _serve(r: _Row, config: DemoWorldConfig, rng: np.random.Generator) -> tuple[dict, bytes | None, str]:
@@ -526,6 +634,12 @@ def _serve(r: _Row, config: DemoWorldConfig, rng: np.random.Generator) -> tuple[
         w, h = (10000, 10000) if rng.random() < 0.5 else (12000, 10000)
         y0 = int(rng.integers(0, h - 2000))
         return image_route("image/png"), _flat_png(w, h, (y0, y0 + int(rng.integers(500, 2000)))), "png"
+    if f in EVAL_COPY_FAULTS:  # the evaluation file's own bytes, or a near copy of them
+        data = it.data if f == "eval_copy_exact" else _derived_jpeg(f.replace("eval_copy_", "near_dup_"), it, rng)
+        r.phash_distance = int(_phash(data) - _phash(it.data))
+        return image_route("image/png" if f == "eval_copy_exact" else "image/jpeg"), data, "png" if f == "eval_copy_exact" else "jpg"
+    if f == "semantic_dup":
+        r.phash_distance = int(_phash(it.data) - _phash(r.origin.item.data))
     if f in ("tiny", "extreme_aspect", "near_dup_reencode", "near_dup_resize", "near_dup_crop", "near_dup_mirror",
              "group_good_copy", "conflict_other_species"):
         data = _derived_jpeg(f, it, rng)
@@ -567,9 +681,19 @@ def _derived_jpeg(fault: str, it: _Item, rng: np.random.Generator) -> bytes:
 # ---------------------------------------------------------------- generation
 
 
+# Seed streams of the world's generators: training items 1 and 2, row planning 3 and 5, eval 4, validation
+# 5-7 (plantmix.demo.validation), and the model-curation cases:
+_MODEL_PLANT_STREAM, _MODEL_SCENE_STREAM, _REPHOTO_STREAM, _MODEL_CASE_STREAM = 8, 9, 10, 11
+_REPHOTO_TRIES = 32  # a small move often stays within the guard's distance of its original: more retakes
+
+
+def _seed_of(key: tuple[int, ...], attempt: int) -> list[int]:
+    """The seed of one image's generator: attempt 0 uses the plain key, redraws append the attempt."""
+    return [*key, attempt] if attempt else list(key)
+
+
 def _seeded(*key: int):
-    """A generator for one image: attempt 0 uses the plain key, redraws append the attempt."""
-    return lambda attempt: np.random.default_rng([*key, attempt] if attempt else list(key))
+    return lambda attempt: np.random.default_rng(_seed_of(key, attempt))
 
 
 def _draw_items(selected: list[Species], config: DemoWorldConfig, guard: _DiversityGuard) -> dict[str, list[_Item]]:
@@ -579,9 +703,10 @@ def _draw_items(selected: list[Species], config: DemoWorldConfig, guard: _Divers
             rng_of = _seeded(config.seed, 1, sp.index, j)
             image, (view, rng) = guard.draw(
                 lambda a: _with_rng(draw_plant(sp.traits, r := rng_of(a), config.image_size), r))
+            seed = _seed_of((config.seed, 1, sp.index, j), guard.attempt)
             fmt = "png" if rng.random() < 0.12 else "jpeg"
             caption = plant_caption(sp, view, rng)
-            items["plant"].append(_Item("plant", image, caption, sp, fmt, int(rng.integers(80, 96)), view))
+            items["plant"].append(_Item("plant", image, caption, sp, fmt, int(rng.integers(80, 96)), view, seed=seed))
     for g in range(config.general_images):
         rng_of = _seeded(config.seed, 2, g)
         image, (caption, rng) = guard.draw(lambda a: _with_rng(draw_scene(r := rng_of(a), config.image_size), r))
@@ -597,7 +722,8 @@ _PLANT_LIST_SCHEMA = pa.schema([(c, pa.string()) for c in ("key", "url", "captio
 _GENERAL_LIST_SCHEMA = pa.schema([(c, pa.string()) for c in ("key", "url", "caption", "license", "attribution")])
 _TRUTH_SCHEMA = pa.schema([("list", pa.string()), ("row", pa.int64()), ("key", pa.string()), ("url", pa.string()),
                            ("fault", pa.string()), ("dup_of_url", pa.string()), ("species", pa.string()),
-                           ("dup_phash_distance", pa.int64())])
+                           ("dup_phash_distance", pa.int64()), ("eval_image", pa.string()),
+                           ("caption_mismatch", pa.string())])
 
 
 def _url_tables(rows: dict[str, list[_Row]]) -> tuple[pa.Table, pa.Table, pa.Table]:
@@ -611,7 +737,7 @@ def _url_tables(rows: dict[str, list[_Row]]) -> tuple[pa.Table, pa.Table, pa.Tab
     truth = [{"list": name, "row": i, "key": r.key, "url": r.url, "fault": r.fault,
               "dup_of_url": r.origin.url if r.origin is not None else None,
               "species": r.item.species.scientific if r.item.species else None,
-              "dup_phash_distance": r.phash_distance}
+              "dup_phash_distance": r.phash_distance, "eval_image": r.item.eval_path, "caption_mismatch": r.mismatch}
              for name in LISTS for i, r in enumerate(rows[name])]
     return (pa.Table.from_pylist([listed(r) for r in rows["plant"]], _PLANT_LIST_SCHEMA),
             pa.Table.from_pylist([listed(r) for r in rows["general"]], _GENERAL_LIST_SCHEMA),
@@ -623,19 +749,52 @@ def _with_rng(drawn: tuple, rng: np.random.Generator) -> tuple:
     return image, (extra, rng)
 
 
-def _write_eval(root: Path, selected: list[Species], config: DemoWorldConfig, guard: _DiversityGuard) -> int:
-    classnames = {}
+def _draw_eval(selected: list[Species], config: DemoWorldConfig, guard: _DiversityGuard) -> list[_Item]:
+    """The held-out evaluation images (eval/<species folder>/NNNN.png), as items the lists may copy."""
+    items = []
     for sp in selected:
-        folder = root / "eval" / sp.folder
-        folder.mkdir(parents=True)
-        classnames[sp.folder] = {"scientific": sp.scientific, "common": sp.common_name}
         for j in range(config.heldout_per_species):
             rng_of = _seeded(config.seed, 4, sp.index, j)
-            image, _ = guard.draw(lambda a: draw_plant(sp.traits, rng_of(a), config.image_size))
-            image.save(folder / f"{j:04d}.png", "PNG", compress_level=1)
+            image, view = guard.draw(lambda a: draw_plant(sp.traits, rng_of(a), config.image_size))
+            it = _Item("eval", image, "", sp, "png", 0, view, eval_path=f"eval/{sp.folder}/{j:04d}.png")
+            it.data = _encode(image, "png")
+            items.append(it)
+    return items
+
+
+def _write_eval(root: Path, selected: list[Species], items: list[_Item]) -> int:
+    for it in items:
+        (root / it.eval_path).parent.mkdir(parents=True, exist_ok=True)
+        (root / it.eval_path).write_bytes(it.data)
+    classnames = {sp.folder: {"scientific": sp.scientific, "common": sp.common_name} for sp in selected}
     text = json.dumps(classnames, indent=1, sort_keys=True, ensure_ascii=False)
     (root / "eval" / "classnames.json").write_text(text + "\n", encoding="utf-8")
-    return len(selected) * config.heldout_per_species
+    return len(items)
+
+
+def _fill_rows(root: Path, rows: dict[str, list[_Row]], pending: list[tuple[_Row, str]], selected: list[Species],
+               config: DemoWorldConfig, rng: np.random.Generator) -> dict[str, dict]:
+    """Fill every row and write its payload; return the server's routes. The crawl faults draw from `rng`
+    in list order, as before the model-curation cases existed; those cases draw from a stream of their own."""
+    honest = {name: [r.item.caption for r in rows[name] if r.origin is None and r.fault not in CAPTION_FAULTS
+                     and r.fault not in MODEL_CURATION_FAULTS] for name in LISTS}  # fmt: skip
+    cases = np.random.default_rng([config.seed, _MODEL_CASE_STREAM, 1])
+    for name in LISTS:
+        (root / "files" / name).mkdir(parents=True)
+    for r in [r for name in LISTS for r in rows[name] if r.fault not in MODEL_CURATION_FAULTS]:
+        _fill_row(r, honest, selected, config, rng)
+    for r in [r for name in LISTS for r in rows[name] if r.fault in MODEL_CURATION_FAULTS]:
+        _fill_row(r, honest, selected, config, cases)
+    for r, fault in pending:
+        r.fault = fault
+        _set_caption(r, honest, selected, cases)
+    routes: dict[str, dict] = {}
+    for r in (r for name in LISTS for r in rows[name]):
+        if r.payload is not None:
+            (root / r.file).write_bytes(r.payload)
+        if r.route is not None:
+            routes[r.url[len(DEMO_BASE_URL):]] = r.route
+    return routes
 
 
 def _world_record(config: DemoWorldConfig) -> dict:
@@ -660,31 +819,27 @@ def generate_world(out_dir: Path, config: DemoWorldConfig) -> Path:
     selected = select_species(load_species_table(), config.species, config.seed)
     with atomic_path(out_dir) as tmp:
         tmp.mkdir(parents=True)
-        guard = _DiversityGuard()
+        guard = _DiversityGuard()  # every drawing passes it, in a fixed order: items, eval, validation, cases
         items = _draw_items(selected, config, guard)
+        eval_items = _draw_eval(selected, config, guard)
+        n_eval = _write_eval(tmp, selected, eval_items)
+        from plantmix.demo.validation import write_pretrain, write_validation  # they draw with this module's helpers
+
+        validation = write_validation(tmp, selected, config, guard)
         rng = np.random.default_rng([config.seed, 3])
-        rows = _build_rows(items, config, rng)
-        routes: dict[str, dict] = {}
-        honest = {name: [r.item.caption for r in rows[name] if r.origin is None and r.fault not in CAPTION_FAULTS]
-                  for name in LISTS}
-        for name in LISTS:
-            (tmp / "files" / name).mkdir(parents=True)
-            for r in rows[name]:
-                _fill_row(r, honest, selected, config, rng)
-                if r.payload is not None:
-                    (tmp / r.file).write_bytes(r.payload)
-                if r.route is not None:
-                    routes[r.url[len(DEMO_BASE_URL):]] = r.route
+        rows, base, spare = _build_rows(items, config, rng)
+        pending = _plant_model_cases(base, rows, spare, selected, eval_items, config, guard)
+        # Not kept apart in pHash (redraws get costly as the guard fills): their own seed streams make
+        # them new drawings, which is all a pretraining stand-in needs.
+        n_pretrain = write_pretrain(tmp, selected, config, _DiversityGuard(tries=0))
+        _assign_keys(rows)
+        routes = _fill_rows(tmp, rows, pending, selected, config, rng)
         text = json.dumps({"version": WORLD_VERSION, "routes": routes}, indent=1, sort_keys=True)
         (tmp / "routes.json").write_text(text + "\n", encoding="utf-8")
         plant, general, truth = _url_tables(rows)
         write_parquet(plant, tmp / "plant_urls.parquet")
         write_parquet(general, tmp / "general_urls.parquet")
         write_parquet(truth, tmp / "ground_truth.parquet")
-        n_eval = _write_eval(tmp, selected, config, guard)
-        from plantmix.demo.validation import write_validation  # it draws with this module's helpers
-
-        validation = write_validation(tmp, selected, config, guard)
         summary = {
             **record,
             "base_url": DEMO_BASE_URL,
@@ -692,6 +847,7 @@ def generate_world(out_dir: Path, config: DemoWorldConfig) -> Path:
             "rows": {name: len(rows[name]) for name in LISTS},
             "faults": {name: dict(sorted(Counter(r.fault for r in rows[name]).items())) for name in LISTS},
             "eval_images": n_eval,
+            "pretrain_pairs": n_pretrain,
             **validation,
         }
         text = json.dumps(summary, indent=1, sort_keys=True, ensure_ascii=False)
