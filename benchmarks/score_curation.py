@@ -116,7 +116,7 @@ def main() -> None:
     uid_of = {g["url"]: make_uid(source[g["list"]], key=g["key"]) for g in truth}
     planted = [(make_uid(source[g["list"]], key=g["key"]), uid_of[g["dup_of_url"]], g["fault"]) for g in truth
                if g["dup_of_url"] and g["fault"] in COPY_KINDS]  # fmt: skip
-    semantic = [(make_uid(source[g["list"]], g["key"]), uid_of[g["dup_of_url"]]) for g in truth
+    semantic = [(make_uid(source[g["list"]], key=g["key"]), uid_of[g["dup_of_url"]]) for g in truth
                 if g["fault"] == "semantic_dup"]  # fmt: skip
 
     def head(u: str) -> str:

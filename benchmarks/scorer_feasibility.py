@@ -226,7 +226,7 @@ def summary(v: list[float]) -> dict:
 def joined_rows(build: Path) -> list[dict]:
     """Downloaded samples with their ground truth and first-pass decision."""
     world = build / "demo_world"
-    truth = {make_uid(SOURCE_OF[g["list"]], g["key"]): g for g in pq.read_table(world / "ground_truth.parquet").to_pylist()}
+    truth = {make_uid(SOURCE_OF[g["list"]], key=g["key"]): g for g in pq.read_table(world / "ground_truth.parquet").to_pylist()}
     uid_of_url = {g["url"]: u for u, g in truth.items()}
     manifest = {r["uid"]: r for r in pq.read_table(build / "manifest.parquet", columns=["uid", "keep", "drop_reason"]).to_pylist()}
     rows = []
