@@ -47,8 +47,10 @@ def write_mix_manifest(
     out.parent.mkdir(parents=True, exist_ok=True)
     with atomic_path(out) as tmp, tempfile.TemporaryDirectory(dir=out.parent, prefix=".spill-") as spill:
         buckets = _spill_by_bucket(manifest, sel, shard_size, bucket_rows, target, Path(spill))
-        # statistics only where readers filter (by shard, position): string statistics cost a fifth of the write
-        with pq.ParquetWriter(tmp, target, compression="zstd", use_dictionary=False,
+        # One writer thread encodes every row: it bounds the stage's wall time. Snappy costs it a quarter
+        # less than zstd (the file is ~1.8x larger; the shard writer reads it once); statistics only
+        # where readers filter (by shard, position): string statistics cost a fifth of the write.
+        with pq.ParquetWriter(tmp, target, compression="snappy", use_dictionary=False,
                               write_statistics=["mix_shard", "mix_position"]) as writer:
             for path, part in _ahead(_sorted_bucket, buckets):
                 writer.write_table(part, row_group_size=shard_size)
