@@ -338,10 +338,10 @@ def _group_texts(joined, heads: np.ndarray, members: np.ndarray, target: np.ndar
     return text.take(pa.array(picked)), np.bincount(group[picked], minlength=len(heads)), conflict
 
 
-def _caption_lists(caption: pa.ChunkedArray, keep, valid, heads, extra: pa.Array, extra_len: np.ndarray) -> pa.ChunkedArray:
+def _caption_lists(caption: pa.ChunkedArray, keep, valid, heads, extra: pa.Array, extra_len: np.ndarray) -> pa.ListArray:
     """The captions column: null for dropped rows, the group's captions for heads, else [own caption]
-    when it is valid. One list chunk per span of rows, each taking from that span's captions and the
-    extra captions of the heads in it."""
+    when it is valid. Built a span of rows at a time, each span taking from its own captions and the
+    extra captions of the heads in it, then joined into one array."""
     n = len(keep)
     lengths = (keep & valid).astype(np.int64)
     lengths[heads] = extra_len
@@ -363,7 +363,7 @@ def _caption_lists(caption: pa.ChunkedArray, keep, valid, heads, extra: pa.Array
         index[np.repeat(local[h], k) + within] = (b - a) + np.arange(extra_at[hb] - e0)
         pool = pa.concat_arrays([_strings(caption.slice(a, b - a)), extra.slice(e0, extra_at[hb] - e0)])
         chunks.append(pa.ListArray.from_arrays(pa.array(local.astype(np.int32)), pool.take(pa.array(index)), mask=pa.array(~keep[a:b])))
-    return pa.chunked_array(chunks, pa.list_(pa.string()))
+    return pa.concat_arrays(chunks) if chunks else pa.array([], pa.list_(pa.string()))
 
 
 # ---- invariants ---------------------------------------------------------------------------------------
