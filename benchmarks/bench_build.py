@@ -237,11 +237,10 @@ def stage_main(stage: str, world: Path, run: Path, rows: int) -> dict:
 
         table = today.ingest(recipe, world)
         return {"rows": int(pc.sum(table["input_rows"]).as_py()), "out_rows": table.num_rows}
-    if stage == "join":
-        from plantmix.core.stage import write_parquet
-        from plantmix.stages.join import join_manifest
+    if stage == "join":  # as the build runs it: streamed to parquet, never a table in memory
+        from plantmix.stages.join import join_to_parquet
 
-        write_parquet(join_manifest(run / "candidates.parquet", world, recipe.resources), run / "joined.parquet")
+        join_to_parquet(run / "candidates.parquet", world, run / "joined.parquet", recipe.resources)
         return {"rows": pq.read_metadata(run / "joined.parquet").num_rows}
     if stage == "join-standin":
         join_standin(world, run)
