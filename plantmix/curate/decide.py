@@ -73,7 +73,11 @@ def decide_to_parquet(
     by row group, so memory holds those columns, not every column of every row."""
     source = pq.ParquetFile(joined_path)
     present = [c for c in DECIDE_COLUMNS if c in source.schema_arrow.names]
-    columns = decision_columns(pq.read_table(joined_path, columns=present), filters, pairs, cfg, source_priority, held_out, model)
+    # repeated strings stay dictionary-encoded: only compared, never combined with other string columns
+    coded = [c for c in ("source", "taxon_species") if c in present]
+    joined = pq.read_table(joined_path, columns=present, read_dictionary=coded)
+    columns = decision_columns(joined, filters, pairs, cfg, source_priority, held_out, model)
+    del joined
     schema = None
     with atomic_path(out_path) as tmp:
         writer = None
@@ -297,46 +301,99 @@ def _put(table: pa.Table, field: pa.Field, values: pa.Array) -> pa.Table:
 def _group_columns(joined, keep, caption_ok, target, distance):
     """`captions` of kept rows (own first, then members' valid ones by distance, uid) and `label_conflict`.
 
-    Python touches only rows that are in a group; a kept row alone gets [its caption] by index arithmetic.
+    Vectorised over the grouped rows only; a kept row alone gets [its caption] by index arithmetic. The
+    list column is built a span of rows at a time, so no step copies the whole caption column.
     """
-    n = joined.num_rows
-    members = np.nonzero(target != NONE)[0]
+    caption = joined["caption"]
+    valid = caption_ok & _non_empty(caption)
+    members = np.flatnonzero(target != NONE)
     heads = np.unique(target[members])
-    caption_col = joined["caption"].combine_chunks() if joined.num_rows else pa.array([], pa.string())
-    valid = caption_ok & pc.fill_null(pc.greater(pc.utf8_length(caption_col), 0), False).to_numpy(zero_copy_only=False)
+    extra, extra_len, conflict = _group_texts(joined, heads, members, target, distance, valid)
+    return _caption_lists(caption, keep, valid, heads, extra, extra_len), pa.array(conflict)
+
+
+_SPAN_ROWS = 1 << 20  # rows per chunk of the captions column
+
+
+def _strings(values: pa.Array | pa.ChunkedArray) -> pa.Array:
+    """One plain string array (a dictionary-encoded column decoded)."""
+    if isinstance(values, pa.ChunkedArray):
+        values = values.combine_chunks() if values.num_chunks else pa.array([], values.type)
+    return values if values.type == pa.string() else values.cast(pa.string())
+
+
+def _non_empty(strings: pa.Array | pa.ChunkedArray) -> np.ndarray:
+    """Per row: the string is neither null nor empty (dictionary columns measured on their dictionary)."""
+    chunks = strings.chunks if isinstance(strings, pa.ChunkedArray) else [strings]
+    parts = []
+    for c in chunks:
+        if pa.types.is_dictionary(c.type):
+            ok = pc.fill_null(pc.greater(pc.utf8_length(c.dictionary.cast(pa.string())), 0), False)
+            parts.append(pc.fill_null(ok.take(c.indices), False).to_numpy(zero_copy_only=False))
+        else:
+            parts.append(pc.fill_null(pc.greater(pc.utf8_length(c.cast(pa.string())), 0), False).to_numpy(zero_copy_only=False))
+    return np.concatenate(parts) if parts else np.zeros(0, bool)
+
+
+def _codes_of(strings: pa.Array) -> np.ndarray:
+    """Equal codes for equal strings (nulls get -1)."""
+    return pc.fill_null(pc.dictionary_encode(strings).indices, -1).to_numpy(zero_copy_only=False).astype(np.int64)
+
+
+def _group_texts(joined, heads: np.ndarray, members: np.ndarray, target: np.ndarray, distance: np.ndarray, valid: np.ndarray):
+    """Per group (one per head, in head order): its distinct valid captions in group order (head,
+    then members by distance, uid), their count, and the label-conflict flag of every row."""
+    conflict = np.zeros(joined.num_rows, bool)
+    if not len(heads):
+        return pa.array([], pa.string()), np.zeros(0, np.int64), conflict
+    rows = np.r_[heads, members]
+    group = np.searchsorted(heads, np.r_[heads, target[members]])
+    keys = pa.table({
+        "g": group, "m": np.r_[np.zeros(len(heads), np.int8), np.ones(len(members), np.int8)],
+        "d": np.r_[np.zeros(len(heads), np.int16), distance[members]], "u": joined["uid"].take(pa.array(rows)), "r": rows,
+    })  # fmt: skip
+    order = pc.sort_indices(keys, sort_keys=[(k, "ascending") for k in keys.column_names]).to_numpy()
+    rows, group = rows[order], group[order]
+    wide = np.int64(len(rows) + 1)  # (group, code) packed in one int64
+    # a caption counts once per group, at its first place in group order
+    text = _strings(joined["caption"].take(pa.array(rows)))
+    ok = np.flatnonzero(valid[rows])
+    _, first = np.unique(group[ok] * wide + _codes_of(text)[ok], return_index=True)
+    picked = ok[np.sort(first)]
+    # more than one named species in a group: every member is flagged
+    species = _strings(joined["taxon_species"].take(pa.array(rows)))
+    named = _non_empty(species)
+    pairs = np.unique(group[named] * wide + _codes_of(species)[named])
+    conflict[rows[np.bincount(pairs // wide, minlength=len(heads))[group] > 1]] = True
+    return text.take(pa.array(picked)), np.bincount(group[picked], minlength=len(heads)), conflict
+
+
+def _caption_lists(caption: pa.ChunkedArray, keep, valid, heads, extra: pa.Array, extra_len: np.ndarray) -> pa.ListArray:
+    """The captions column: null for dropped rows, the group's captions for heads, else [own caption]
+    when it is valid. Built a span of rows at a time, each span taking from its own captions and the
+    extra captions of the heads in it, then joined into one array."""
+    n = len(keep)
     lengths = (keep & valid).astype(np.int64)
-    conflict = np.zeros(n, bool)
-    extra: list[str] = []
-    extra_len = np.zeros(len(heads), np.int64)
-    if len(heads):
-        caption = caption_col.take(pa.array(np.r_[heads, members])).to_pylist()
-        text = dict(zip(np.r_[heads, members].tolist(), caption))
-        species = dict(zip(np.r_[heads, members].tolist(), joined["taxon_species"].take(pa.array(np.r_[heads, members])).to_pylist()))
-        uid = dict(zip(members.tolist(), joined["uid"].take(pa.array(members)).to_pylist()))
-        by_head: dict[int, list[int]] = {}
-        for r in sorted(members.tolist(), key=lambda r: (distance[r], uid[r])):
-            by_head.setdefault(int(target[r]), []).append(r)
-        for j, k in enumerate(heads.tolist()):
-            group = [k, *by_head[k]]
-            texts = list(dict.fromkeys(text[r] for r in group if valid[r]))
-            extra.extend(texts)
-            extra_len[j] = len(texts)
-            if len({species[r] for r in group if species[r]}) > 1:
-                conflict[group] = True
-        lengths[heads] = extra_len
+    lengths[heads] = extra_len
     offsets = np.r_[0, np.cumsum(lengths)]
-    index = np.empty(offsets[-1], np.int64)
-    alone = np.nonzero(keep & valid)[0]
-    alone = alone[~np.isin(alone, heads)]
-    index[offsets[alone]] = alone
-    if len(heads):
-        starts = np.repeat(offsets[heads], extra_len)
-        within = np.arange(len(extra)) - np.repeat(np.r_[0, np.cumsum(extra_len)[:-1]], extra_len)
-        index[starts + within] = n + np.arange(len(extra))
-    pool = pa.concat_arrays([caption_col.cast(pa.string()), pa.array(extra, pa.string())])
-    values = pool.take(pa.array(index))
-    captions = pa.ListArray.from_arrays(pa.array(offsets.astype(np.int32)), values, mask=pa.array(~keep))
-    return captions, pa.array(conflict)
+    extra_at = np.r_[0, np.cumsum(extra_len)]  # group j's captions are extra[extra_at[j]:extra_at[j + 1]]
+    alone = keep & valid
+    alone[heads] = False
+    chunks = []
+    for a in range(0, n, _SPAN_ROWS):
+        b = min(n, a + _SPAN_ROWS)
+        ha, hb = np.searchsorted(heads, [a, b])
+        local = offsets[a : b + 1] - offsets[a]
+        index = np.empty(local[-1], np.int64)
+        solo = np.flatnonzero(alone[a:b])
+        index[local[solo]] = solo
+        h, k = heads[ha:hb] - a, extra_len[ha:hb]
+        e0 = extra_at[ha]
+        within = np.arange(extra_at[hb] - e0) - np.repeat(extra_at[ha:hb] - e0, k)
+        index[np.repeat(local[h], k) + within] = (b - a) + np.arange(extra_at[hb] - e0)
+        pool = pa.concat_arrays([_strings(caption.slice(a, b - a)), extra.slice(e0, extra_at[hb] - e0)])
+        chunks.append(pa.ListArray.from_arrays(pa.array(local.astype(np.int32)), pool.take(pa.array(index)), mask=pa.array(~keep[a:b])))
+    return pa.concat_arrays(chunks) if chunks else pa.array([], pa.list_(pa.string()))
 
 
 def _with_collapsed_captions(captions: pa.ListArray, filters: pa.Table, keep: np.ndarray, target: np.ndarray) -> pa.ListArray:

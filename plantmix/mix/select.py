@@ -69,11 +69,17 @@ def fnv1a64(strings: pa.Array | pa.ChunkedArray) -> np.ndarray:
 
 def splitmix64(x: np.ndarray | int) -> np.ndarray:
     """The splitmix64 output function of state x (Steele et al. 2014); splitmix64(0) = 0xe220a8397b1dcdaf."""
-    z = np.asarray(x, dtype=np.uint64) + _GOLDEN
+    z = np.array(x, dtype=np.uint64)  # a copy, updated in place: two arrays in all, not eight
+    shifted = np.empty_like(z)
     with np.errstate(over="ignore"):
-        z = (z ^ (z >> np.uint64(30))) * _M1
-        z = (z ^ (z >> np.uint64(27))) * _M2
-    return z ^ (z >> np.uint64(31))
+        z += _GOLDEN
+        for shift, multiplier in ((30, _M1), (27, _M2)):
+            np.right_shift(z, np.uint64(shift), out=shifted)
+            z ^= shifted
+            z *= multiplier
+        np.right_shift(z, np.uint64(31), out=shifted)
+        z ^= shifted
+    return z
 
 
 def selection_keys(uid_digest: np.ndarray, seed: int) -> np.ndarray:
