@@ -20,9 +20,14 @@ $(STAMP): pyproject.toml | $(PY)
 
 install: $(STAMP)
 
-# The whole chain on the embedded demo world: build the dataset and its mix, train DALIP (tiny config,
-# CPU, a few minutes), then zero-shot on the demo's held-out species.
+# The whole chain on the embedded demo world: download it, bootstrap the scorer model (a short CLIP run
+# on the world's pretraining pool, exported: the demo's stand-in for a pretrained tag), build the
+# dataset with rule- and model-based curation and its mix, train DALIP (tiny config, CPU, a few
+# minutes), then zero-shot on the demo's held-out species. Reruns skip what is done.
 demo: $(STAMP)
+	$(VENV)/bin/plantmix build pipelines/demo.yaml --out builds/demo --until hashes
+	$(VENV)/bin/dalip train --config configs/dalip-scorer.yaml --resume latest
+	$(VENV)/bin/dalip export runs/scorer --out builds/demo/scorer
 	$(VENV)/bin/plantmix build pipelines/demo.yaml --out builds/demo
 	$(VENV)/bin/dalip train --config configs/dalip-demo.yaml --resume latest
 	$(VENV)/bin/dalip eval runs/demo --config configs/dalip-demo-eval.yaml
@@ -34,4 +39,4 @@ test-fast: $(STAMP)
 	$(PY) -m pytest -q -m "not slow"
 
 clean-demo:
-	rm -rf builds/demo runs/demo
+	rm -rf builds/demo runs/demo runs/scorer
