@@ -37,7 +37,9 @@ def _funnel_rows(build_dir: Path) -> list[list]:
     """(stage, reason, plant, general, total) summed over sources."""
     path = build_dir / "manifest.parquet"
     optional = ["routed_from"] if "routed_from" in pq.read_schema(path).names else []  # rows moved by relevance routing
-    f = funnel(pq.read_table(path, columns=_FUNNEL_COLUMNS + optional))
+    from plantmix.stages.ingest import over_max_rows
+
+    f = funnel(pq.read_table(path, columns=_FUNNEL_COLUMNS + optional), over_max_rows(build_dir / "candidates.parquet"))
     con = duckdb.connect()
     con.register("f", f)
     return [
