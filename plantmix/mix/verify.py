@@ -21,7 +21,7 @@ import io
 import json
 import os
 import tarfile
-from concurrent.futures import ProcessPoolExecutor
+from plantmix.core.pools import worker_pool
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -218,7 +218,7 @@ def verify_shards(shards_dir: Path, workers: int = 1) -> VerifyReport:
         problems.append(f"dataset.json: shard counts sum to {sum(expected.values())}, samples = {dataset.get('samples')}")
     jobs = [(shards_dir / name, expected.get(name)) for name in sorted(present)]
     if workers > 1:
-        with ProcessPoolExecutor(workers) as pool:
+        with worker_pool(workers) as pool:
             checks = list(pool.map(_verify_job, jobs))
     else:
         checks = [_verify_job(j) for j in jobs]
