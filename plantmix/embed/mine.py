@@ -29,7 +29,6 @@ import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
 from plantmix.core.errors import PlantmixError
-from plantmix.core.members import IMAGE_EXTS
 from plantmix.core.recipe import Recipe, RelevanceConfig, ScorerConfig
 from plantmix.core.schema import TAXON_COLUMNS
 from plantmix.core.stage import atomic_path, fingerprint, is_done, mark_done, write_parquet
@@ -39,7 +38,6 @@ from plantmix.embed.store import EMBEDDINGS_DIR, finished_shards, shard_files, s
 PLANT_PROMPTS = "plant-prompts"
 TAXA = [*TAXON_COLUMNS, "common_name"]
 MINE_DIR = "mine"
-QUERY_BATCH = 256  # query images decoded at once
 
 
 @dataclass(frozen=True)
@@ -178,22 +176,13 @@ def _queries(spec: str, scorer, candidates: pa.Table, recipe: Recipe | None) -> 
     folder = Path(spec)
     if not folder.is_dir():
         raise PlantmixError(f"--queries {spec}: neither {PLANT_PROMPTS} nor an image folder")
-    files = sorted(p for p in folder.rglob("*") if p.is_file() and p.suffix.lower().lstrip(".") in IMAGE_EXTS)
-    if not files:
-        raise PlantmixError(f"--queries {spec}: no images ({', '.join(IMAGE_EXTS)}) below {folder}")
-    from PIL import Image
+    from plantmix.curate.images import encode_files, image_files
 
-    vectors = []
-    for s in range(0, len(files), QUERY_BATCH):  # decoded pixels of one batch in memory at a time
-        images = []
-        for f in files[s : s + QUERY_BATCH]:
-            try:
-                with Image.open(f) as im:
-                    images.append(im.convert("RGB"))
-            except (OSError, ValueError, Image.DecompressionBombError) as e:
-                raise PlantmixError(f"--queries {spec}: cannot read image {f}: {e}") from None
-        vectors.append(scorer.encode_images(images))
-    return Queries([str(f.relative_to(folder)) for f in files], np.concatenate(vectors), None)
+    files = image_files(folder, f"--queries {spec}")
+    vectors, ok = encode_files(scorer, files)
+    if not ok.all():
+        raise PlantmixError(f"--queries {spec}: cannot read image {files[int(np.argmin(ok))]}")
+    return Queries([str(f.relative_to(folder)) for f in files], vectors, None)
 
 
 def _index_uids(index_dir: Path) -> np.ndarray:
