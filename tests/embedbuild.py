@@ -24,7 +24,8 @@ def write_recipe(folder: Path, **scorer) -> Path:
     r = yaml.safe_load((ROOT / "pipelines" / "demo.yaml").read_text())
     r["demo_world"].update(WORLD)
     r["download"].update({"number_sample_per_shard": 10})
-    r.pop("mix", None)
+    for section in ("mix", "clip_score", "relevance", "semantic_dedup", "decontaminate"):  # the embed stage alone
+        r.pop(section, None)
     write_tiny_scorer(folder / "scorer")
     r["scorer"] = {"model": "scorer", "batch_size": 4, "num_workers": 2, **scorer}
     path = folder / "recipe.yaml"

@@ -21,7 +21,9 @@ from rich.console import Console
 from plantmix.core.errors import PlantmixError
 from plantmix.core.lock import directory_lock
 from plantmix.core.recipe import ResourcesConfig
-from plantmix.core.stage import atomic_path, clear_done, done_marker, fingerprint, mark_done, remove_stale_temporaries
+from plantmix.core.stage import (
+    atomic_path, clear_done, done_marker, fingerprint, mark_done, remove_stale_temporaries, require_columns,
+)
 from plantmix.mix.verify import VerifyReport, file_record, output_intact, read_marker, record_matches, verify_shards
 from plantmix.mix.select import Selection, read_selection_columns, select
 from plantmix.mix.spec import MixSpec
@@ -150,13 +152,16 @@ def run_mix(
     manifest = build_dir / "manifest.parquet"
     if not manifest.is_file():
         raise PlantmixError(f"{manifest}: not found; run `plantmix build` first")
+    # a broken build is refused before anything is written (the lock creates the mix dir)
+    require_columns(manifest, ["uid", "domain", "source", "keep", *(f"taxon_{rank}" for rank, _ in spec.caps())])
+    recipe_hash = recipe_hash if recipe_hash is not None else build_recipe_hash(build_dir)
+    resources = resources or build_resources(build_dir)
     mix_dir = build_dir / "mixes" / spec.resolved_name()
     with directory_lock(mix_dir, "plantmix mix"):
         remove_stale_temporaries(mix_dir)
         for spill in mix_dir.glob(".spill-*"):  # a killed run's spill files: under the lock, nobody else's
             shutil.rmtree(spill, ignore_errors=True)
-        return _run_mix_locked(build_dir, mix_dir, spec, recipe_hash if recipe_hash is not None else build_recipe_hash(build_dir),
-                               workers, resources or build_resources(build_dir), force, console)  # fmt: skip
+        return _run_mix_locked(build_dir, mix_dir, spec, recipe_hash, workers, resources, force, console)
 
 
 def _run_mix_locked(
