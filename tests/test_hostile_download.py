@@ -9,6 +9,7 @@ import hashlib
 import io
 import json
 import os
+import re
 import subprocess
 import sys
 import tarfile
@@ -298,8 +299,22 @@ def test_a_bad_allowed_host_is_one_clear_error(tmp_path):
         load_recipe(path)
 
 
-@pytest.mark.slow  # a Spark session and a download (~40 s here)
+@pytest.mark.slow  # two Spark sessions and a download (~50 s here)
 def test_the_guards_hold_under_the_pyspark_distributor(site, tmp_path):
+    """Run as in a process that used Spark before (the embed stage, an earlier test): the forked
+    download child starts a JVM of its own and leaves the parent's session working."""
+    from pyspark.sql import SparkSession
+
+    ours = SparkSession.getActiveSession() is None
+    parent = SparkSession.builder.master("local[1]").config("spark.ui.enabled", "false").getOrCreate()
+    try:
+        _download_under_spark(site, tmp_path, parent, parent.sparkContext.applicationId)
+    finally:
+        if ours:  # later tests start sessions with settings of their own
+            parent.stop()
+
+
+def _download_under_spark(site, tmp_path, parent, parent_app):
     from plantmix.stages.download import download_source
 
     root, _ = site
@@ -315,10 +330,9 @@ def test_the_guards_hold_under_the_pyspark_distributor(site, tmp_path):
         status, error = CASES[path]
         assert got[str(i)]["status"] == status and (got[str(i)]["error_message"] or "").startswith(error or ""), path
     assert got["4"]["original_bytes"] == (root / "gray16.png").stat().st_size  # the writer hook too
-    # it ran on Spark: a session was started (its start-up lines are in the log) or one already runs in this process (its context is set)
-    from pyspark import SparkContext
-
-    assert SparkContext._active_spark_context is not None or "spark" in (tmp_path / "out.log").read_text().lower()
+    sessions = re.findall(r"^Spark \S+ session (\S+) \(master local\[1\], pid (\d+)\)$", (tmp_path / "out.log").read_text(), re.M)
+    assert len(sessions) == 1 and sessions[0][0] != parent_app and int(sessions[0][1]) != os.getpid(), sessions
+    assert parent.range(3).count() == 3  # the parent's gateway was not touched by the child
 
 
 def test_a_server_dripping_its_headers_is_stopped_at_the_deadline(monkeypatch):

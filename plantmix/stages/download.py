@@ -185,23 +185,36 @@ def _run_img2dataset(args: dict, log_path: str, policy: FetchPolicy) -> None:
     main.__dict__.pop("__file__", None)
     main.__spec__ = None
     if args["distributor"] == "pyspark":
-        # img2dataset would otherwise start its own session asking for 16 GB of driver memory.
-        from pyspark.sql import SparkSession
-
-        spark = (
-            SparkSession.builder.master(f"local[{args['processes_count']}]")
-            .config("spark.driver.memory", "2g")
-            .config("spark.ui.enabled", "false")
-            .appName("plantmix-download")
-            .getOrCreate()
-        )
-        spark.sparkContext.setLogLevel("ERROR")
+        _start_spark(args["processes_count"])
     from img2dataset import download
 
     from plantmix.stages.i2d_hooks import install
 
     install(policy)
     download(**args)
+
+
+def _start_spark(processes: int) -> None:
+    """The child's own Spark session (img2dataset would otherwise start one asking for 16 GB of driver
+    memory). A parent that ran Spark before the fork left its py4j gateway in our memory: reusing it
+    would share the parent's sockets and JVM, a JVM outside our process group that a kill would miss,
+    so that state is dropped and a JVM of our own is started."""
+    from pyspark import SparkContext
+    from pyspark.sql import SparkSession
+
+    SparkContext._gateway = SparkContext._jvm = SparkContext._active_spark_context = None
+    SparkSession._instantiatedSession = SparkSession._activeSession = None
+    for name in ("PYSPARK_GATEWAY_PORT", "PYSPARK_GATEWAY_SECRET"):
+        os.environ.pop(name, None)
+    spark = (
+        SparkSession.builder.master(f"local[{processes}]")
+        .config("spark.driver.memory", "2g")
+        .config("spark.ui.enabled", "false")
+        .appName("plantmix-download")
+        .getOrCreate()
+    )
+    spark.sparkContext.setLogLevel("ERROR")
+    print(f"Spark {spark.version} session {spark.sparkContext.applicationId} (master local[{processes}], pid {os.getpid()})")
 
 
 def _kill_leftover(started: Path) -> None:
