@@ -3,16 +3,22 @@
     .venv/bin/python benchmarks/scorer_feasibility.py BUILD EXPORT [--json out.json]
 
 BUILD is a demo build (`plantmix build pipelines/demo.yaml`; rows its model checks dropped are scored
-as if kept, since those checks run after the rule-based ones), EXPORT a
-`dalip export` directory of a scorer trained on a mix of it (configs/dalip-scorer.yaml). The script embeds
-every downloaded image and caption of BUILD/download/ with plantmix.embed.scorer.load_scorer, and the
-evaluation and validation images of the demo world, then prints, against the world's ground truth:
+as if kept, since those checks run after the rule-based ones), EXPORT a `dalip export` directory of a
+scorer (configs/dalip-scorer.yaml: trained on the world's pretraining pool). The script embeds every
+downloaded image and caption of BUILD/download/ with plantmix.embed.scorer.load_scorer, and the
+evaluation, validation and pretraining images of the demo world, then prints, against the world's
+ground truth:
 
 - relevance: plant-vs-general zero-shot score (text prototypes: taxon names in caption templates plus
-  prompts; and image prototypes: the world's domain-pure validation images), AUC and the best threshold
-  with recall >= 90 % (its precision) for plants in the general list and scenes in the plant list;
+  prompts; image prototypes: the world's validation images, or its pretraining pool's, k nearest per
+  domain), AUC and the best threshold with recall >= 90 % (its precision: read off the truth, so an
+  upper bound) for plants in the general list and scenes in the plant list; for the pretraining-pool
+  prototypes also the figures at thresholds chosen on the validation images (`calibrated:*`);
 - CLIP score: image-caption cosine of captions naming the other domain vs clean captions, per domain
-  (AUC, threshold at recall >= 90 %, precision, the kept fraction it implies); between-species swaps apart;
+  (AUC, threshold at recall >= 90 %, precision, the kept fraction it implies); between-species swaps
+  apart; the best per-domain minimums read off the truth (`both:cross_domain`, an upper bound) and the
+  figures of minimums chosen on the validation pairs (`clip_score_calibrated`: quantiles of clean pairs
+  and of synthetic cross-domain pairs; pipelines/demo.yaml uses clean_p02);
 - SemDeDup: cosine of each re-photographed plant to its original vs to the nearest other individual of
   its species; pair precision and recall per epsilon (cosine > 1 - epsilon, no k-means split);
 - decontamination: cosine of each evaluation-image copy to its source vs the highest cosine of any other
