@@ -2,16 +2,23 @@
 
     .venv/bin/python benchmarks/scorer_feasibility.py BUILD EXPORT [--json out.json]
 
-BUILD is a demo build made without model curation (`plantmix build pipelines/demo.yaml`), EXPORT a
-`dalip export` directory of a scorer trained on a mix of it (configs/dalip-scorer.yaml). The script embeds
-every downloaded image and caption of BUILD/download/ with plantmix.embed.scorer.load_scorer, and the
-evaluation and validation images of the demo world, then prints, against the world's ground truth:
+BUILD is a demo build (`plantmix build pipelines/demo.yaml`; rows its model checks dropped are scored
+as if kept, since those checks run after the rule-based ones), EXPORT a `dalip export` directory of a
+scorer (configs/dalip-scorer.yaml: trained on the world's pretraining pool). The script embeds every
+downloaded image and caption of BUILD/download/ with plantmix.embed.scorer.load_scorer, and the
+evaluation, validation and pretraining images of the demo world, then prints, against the world's
+ground truth:
 
 - relevance: plant-vs-general zero-shot score (text prototypes: taxon names in caption templates plus
-  prompts; and image prototypes: the world's domain-pure validation images), AUC and the best threshold
-  with recall >= 90 % (its precision) for plants in the general list and scenes in the plant list;
+  prompts; image prototypes: the world's validation images, or its pretraining pool's, k nearest per
+  domain), AUC and the best threshold with recall >= 90 % (its precision: read off the truth, so an
+  upper bound) for plants in the general list and scenes in the plant list; for the pretraining-pool
+  prototypes also the figures at thresholds chosen on the validation images (`calibrated:*`);
 - CLIP score: image-caption cosine of captions naming the other domain vs clean captions, per domain
-  (AUC, threshold at recall >= 90 %, precision, the kept fraction it implies); between-species swaps apart;
+  (AUC, threshold at recall >= 90 %, precision, the kept fraction it implies); between-species swaps
+  apart; the best per-domain minimums read off the truth (`both:cross_domain`, an upper bound) and the
+  figures of minimums chosen on the validation pairs (`clip_score_calibrated`: quantiles of clean pairs
+  and of synthetic cross-domain pairs; pipelines/demo.yaml uses clean_p02);
 - SemDeDup: cosine of each re-photographed plant to its original vs to the nearest other individual of
   its species; pair precision and recall per epsilon (cosine > 1 - epsilon, no k-means split);
 - decontamination: cosine of each evaluation-image copy to its source vs the highest cosine of any other
@@ -38,12 +45,16 @@ from PIL import Image  # noqa: E402
 from scipy.stats import rankdata  # noqa: E402
 
 from plantmix.core.recipe import RelevanceConfig, ScorerConfig  # noqa: E402
+from plantmix.core.schema import (  # noqa: E402
+    DROP_CLIP_SCORE_LOW, DROP_DUPLICATE_SEMANTIC, DROP_EVAL_OVERLAP, DROP_NOT_A_PLANT, DROP_PLANT_IN_GENERAL,
+)
 from plantmix.demo.validation import SCENE_CLASSNAMES  # noqa: E402
 from plantmix.demo.world import MISMATCH_CROSS_DOMAIN, MISMATCH_SPECIES  # noqa: E402
 from plantmix.embed.scorer import load_scorer  # noqa: E402
 from plantmix.stages.ingest import make_uid  # noqa: E402
 
 SOURCE_OF = {"plant": "demo_plant", "general": "demo_general"}
+MODEL_REASONS = {DROP_CLIP_SCORE_LOW, DROP_DUPLICATE_SEMANTIC, DROP_EVAL_OVERLAP, DROP_NOT_A_PLANT, DROP_PLANT_IN_GENERAL}
 EPSILONS = (0.005, 0.01, 0.02, 0.03, 0.05, 0.1, 0.2)
 RECALL_AT = 0.9
 # Prompts in the demo's own words (the general scenes' classes), beside RelevanceConfig's defaults.
@@ -69,13 +80,23 @@ def read_downloads(build: Path) -> list[dict]:
     return rows
 
 
-def read_validation_images(world: Path, domain: str) -> list[Image.Image]:
-    path = world / "validation" / domain / "00000.tar"
+def read_pairs(path: Path) -> list[dict]:
+    """(image, caption, domain) of every sample of a world pair shard (validation/, pretrain/)."""
     if not path.is_file():
         return []
+    out = []
     with tarfile.open(path) as tar:
-        return [Image.open(io.BytesIO(tar.extractfile(m).read())).convert("RGB")
-                for m in tar.getmembers() if m.name.endswith(".jpg")]  # fmt: skip
+        members = {m.name: m for m in tar.getmembers()}
+        for name in sorted(n for n in members if n.endswith(".json")):
+            stem = name[: -len(".json")]
+            meta = json.loads(tar.extractfile(members[name]).read())
+            image = Image.open(io.BytesIO(tar.extractfile(members[stem + ".jpg"]).read())).convert("RGB")
+            out.append({"image": image, "caption": meta["caption"], "domain": meta["domain"]})
+    return out
+
+
+def read_validation_images(world: Path, domain: str) -> list[Image.Image]:
+    return [s["image"] for s in read_pairs(world / "validation" / domain / "00000.tar")]
 
 
 # ---------------------------------------------------------------- metrics
@@ -106,18 +127,46 @@ def separation(pos: np.ndarray, neg: np.ndarray) -> dict:
 # ---------------------------------------------------------------- studies
 
 
+def knn_score(x: np.ndarray, support: dict[str, np.ndarray], k: int) -> np.ndarray:
+    """(mean cosine of the k nearest plant support images - the same for general ones + 1) / 2."""
+    near = {d: np.sort(x @ support[d].T, 1)[:, -k:].mean(1) for d in ("plant", "general")}
+    return (near["plant"] - near["general"] + 1) / 2
+
+
+def calibrated(v_plant: np.ndarray, v_general: np.ndarray) -> dict[str, float]:
+    """Thresholds from held-out domain-pure images, never from the build: the 5th percentile of the
+    plants' scores (about 95 % of plants above it) and the equal-error point."""
+    grid = np.unique(np.r_[v_plant, v_general])
+    err = [abs((v_plant < t).mean() - (v_general >= t).mean()) for t in grid]
+    return {"plant_p05": float(np.quantile(v_plant, 0.05)), "equal_error": float(grid[int(np.argmin(err))])}
+
+
+def flagged_at(v: np.ndarray, is_target: np.ndarray, t: float) -> dict:
+    tp, fp = int((v[is_target] >= t).sum()), int((v[~is_target] >= t).sum())
+    return {"threshold": round(t, 4), "recall": round(tp / max(1, int(is_target.sum())), 3),
+            "precision": round(tp / max(1, tp + fp), 3), "flagged": tp + fp}
+
+
 def relevance_study(img: np.ndarray, rows: list[dict], text_protos: dict[str, np.ndarray],
-                    support: dict[str, np.ndarray]) -> dict:
-    """plant_in_general (general list, plant image) and not_a_plant (plant list, scene) by zero-shot scores."""
-    scores = {}
+                    supports: dict[str, dict[str, np.ndarray]], calib: dict[str, np.ndarray]) -> dict:
+    """plant_in_general (general list, plant image) and not_a_plant (plant list, scene) by zero-shot scores.
+
+    `supports`: image prototype sets per name (plant and general images); `calib`: held-out images per
+    domain (the world's validation pairs) on which a support set's thresholds are chosen (`calibrated`),
+    unless the support set is that very set."""
+    scores, thresholds = {}, {}
     for name, (plant, general) in text_protos.items():
         sims = np.c_[img @ plant.T, img @ general.T] * 100.0  # a CLIP-like logit scale
         p = np.exp(sims - sims.max(1, keepdims=True))
         scores[f"text:{name}"] = p[:, : len(plant)].sum(1) / p.sum(1)  # p(plant) in [0, 1]
-    if len(support["plant"]) and len(support["general"]):
+    for set_name, support in supports.items():
+        if not (len(support["plant"]) and len(support["general"])):
+            continue
         for k in (1, 5, 20):  # mean cosine of the k nearest support images per domain
-            near = {d: np.sort(img @ support[d].T, 1)[:, -k:].mean(1) for d in support}
-            scores[f"images:knn{k}"] = (near["plant"] - near["general"] + 1) / 2
+            key = f"images:{set_name}:knn{k}"
+            scores[key] = knn_score(img, support, k)
+            if set_name != "validation" and len(calib["plant"]) and len(calib["general"]):
+                thresholds[key] = calibrated(knn_score(calib["plant"], support, k), knn_score(calib["general"], support, k))
     out = {}
     for kind, listed, flag_plant in (("plant_in_general", "general", True), ("not_a_plant", "plant", False)):
         idx = [i for i, r in enumerate(rows) if r["list"] == listed]
@@ -126,6 +175,9 @@ def relevance_study(img: np.ndarray, rows: list[dict], text_protos: dict[str, np
         for name, s in scores.items():
             v = s[idx] if flag_plant else 1 - s[idx]  # high = flagged
             out[kind][name] = separation(v[is_target], v[~is_target])
+            for t_name, t in thresholds.get(name, {}).items():  # a plant scores >= t; a scene below it
+                t_flag = t if flag_plant else 1 - t
+                out[kind][name][f"calibrated:{t_name}"] = flagged_at(v, is_target, t_flag)
     return out
 
 
@@ -145,6 +197,47 @@ def clip_score_study(img: np.ndarray, txt: np.ndarray, rows: list[dict]) -> dict
                 res["kept_fraction"] = round(float((np.r_[clean, pos] > res["threshold"]).mean()), 3)
                 out[f"{listed}:{kind}"] = res
     out["both:cross_domain"] = pooled_thresholds(cos, rows)
+    return out
+
+
+def clip_calibration(scorer, pairs: list[dict], seed: int = 0) -> dict[str, dict[str, float]]:
+    """Per-domain cosine minimums chosen on held-out pairs, never on the build: each image with its own
+    caption (clean) and with a caption of the other domain (a synthetic cross-domain mismatch). q90 /
+    q95: the q-quantile of the mismatches' cosines (about q of them fall below it); clean_p02: the 2nd
+    percentile of the clean cosines (2 % of clean pairs fall below it); equal_error: where the share of
+    clean pairs below equals the share of mismatches above."""
+    by = {d: [p for p in pairs if p["domain"] == d] for d in ("plant", "general")}
+    if not (by["plant"] and by["general"]):
+        return {}
+    rng = np.random.default_rng(seed)
+    out: dict[str, dict[str, float]] = {}
+    for d, other in (("plant", "general"), ("general", "plant")):
+        img = scorer.encode_images([p["image"] for p in by[d]])
+        wrong = scorer.encode_text([by[other][int(i)]["caption"] for i in rng.integers(0, len(by[other]), len(by[d]))])
+        mism = (img * wrong).sum(1)
+        clean = (img * scorer.encode_text([p["caption"] for p in by[d]])).sum(1)
+        for q in (0.9, 0.95):
+            out.setdefault(f"q{int(q * 100)}", {})[d] = round(float(np.quantile(mism, q)), 4)
+        out.setdefault("clean_p02", {})[d] = round(float(np.quantile(clean, 0.02)), 4)
+        grid = np.unique(np.r_[clean, mism])
+        err = [abs((clean < t).mean() - (mism >= t).mean()) for t in grid]
+        out.setdefault("equal_error", {})[d] = round(float(grid[int(np.argmin(err))]), 4)
+    return out
+
+
+def clip_calibrated_figures(cos: np.ndarray, rows: list[dict], minimums: dict[str, dict[str, float]]) -> dict:
+    """Recall of the cross-domain captions and precision (any planted mismatch is a right flag) of
+    each calibrated pair of minimums on the build."""
+    out = {}
+    for name, t in minimums.items():
+        own = [i for i, r in enumerate(rows) if r["eligible"]]
+        hit = [i for i in own if cos[i] < t[rows[i]["list"]]]
+        target = [i for i in own if rows[i]["mismatch"] == MISMATCH_CROSS_DOMAIN and rows[i]["image_in_list"]]
+        swaps = [i for i in own if rows[i]["mismatch"] == MISMATCH_SPECIES]
+        right = sum(rows[i]["mismatch"] is not None for i in hit)
+        out[name] = {"min": t, "recall": round(sum(cos[i] < t[rows[i]["list"]] for i in target) / max(1, len(target)), 3),
+                     "precision": round(right / max(1, len(hit)), 3), "flagged": len(hit), "positives": len(target),
+                     "between_species_recall": round(sum(cos[i] < t[rows[i]["list"]] for i in swaps) / max(1, len(swaps)), 3)}
     return out
 
 
@@ -232,11 +325,12 @@ def joined_rows(build: Path) -> list[dict]:
     rows = []
     for d in read_downloads(build):
         g, m = truth[d["uid"]], manifest[d["uid"]]
-        row_level_ok = m["drop_reason"] is None or m["drop_reason"].startswith("duplicate_")
+        # passed the rule-based row checks: kept, a duplicate, or dropped by a model check (decided after them)
+        row_level_ok = m["drop_reason"] is None or m["drop_reason"].startswith("duplicate_") or m["drop_reason"] in MODEL_REASONS
         rows.append({**d, "list": g["list"], "fault": g["fault"], "species": g["species"], "eval_image": g["eval_image"],
                      "mismatch": g["caption_mismatch"], "dup_of": uid_of_url.get(g["dup_of_url"]),
                      "image_in_list": (g["species"] is not None) == (g["list"] == "plant"),
-                     "eligible": row_level_ok, "first_pass_keep": bool(m["keep"])})
+                     "eligible": row_level_ok, "first_pass_keep": bool(m["keep"]) or m["drop_reason"] in MODEL_REASONS})
     return rows
 
 
@@ -265,11 +359,17 @@ def main() -> None:
     t_embed = time.perf_counter() - t1
     eval_paths = sorted(str(p.relative_to(world)) for p in (world / "eval").rglob("*.png"))
     eval_emb = scorer.encode_images([Image.open(world / p).convert("RGB") for p in eval_paths])
-    support = {d: scorer.encode_images(read_validation_images(world, d)) for d in ("plant", "general")}
+    validation = {d: scorer.encode_images(read_validation_images(world, d)) for d in ("plant", "general")}
+    pretrain = read_pairs(world / "pretrain" / "00000.tar")
+    supports = {"validation": validation,
+                "pretrain": {d: scorer.encode_images([p["image"] for p in pretrain if p["domain"] == d]) for d in ("plant", "general")}}
     report = {
         "rows": len(rows), "embed_seconds": round(t_embed, 1), "total_seconds": None,
-        "relevance": relevance_study(img, rows, text_prototypes(scorer, world), support),
+        "relevance": relevance_study(img, rows, text_prototypes(scorer, world), supports, validation),
         "clip_score": clip_score_study(img, txt, rows),
+        "clip_score_calibrated": clip_calibrated_figures(
+            (img * txt).sum(1), rows, clip_calibration(scorer, read_pairs(world / "validation" / "plant" / "00000.tar")
+                                                       + read_pairs(world / "validation" / "general" / "00000.tar"))),
         "semantic_dedup": semantic_study(img, rows),
         "decontamination": eval_study(img, rows, eval_emb, eval_paths),
     }

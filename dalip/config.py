@@ -64,6 +64,30 @@ class MBDCOptions(StrictConfig):
     hidden_linear: bool = Field(False, description="the reference's extra out_dim x out_dim linear")
 
 
+class AugmentOptions(StrictConfig):
+    """Training-time image augmentation, passed to open_clip's train transform (its AugmentationCfg):
+    a random resized crop, then optional colour jitter and grey scale. Unset: open_clip's default crop
+    (scale 0.9-1.0) and nothing else."""
+
+    scale: tuple[Annotated[float, Field(gt=0, le=1)], Annotated[float, Field(gt=0, le=1)]] = Field(
+        (0.9, 1.0), description="area range of the random resized crop")
+    color_jitter: Optional[tuple[Annotated[float, Field(ge=0)], ...]] = Field(
+        None, min_length=4, max_length=4, description="brightness, contrast, saturation, hue of the colour jitter")
+    color_jitter_prob: Optional[float] = Field(None, gt=0, le=1, description="chance of the colour jitter (needs color_jitter)")
+    gray_scale_prob: Optional[float] = Field(None, gt=0, le=1, description="chance of turning the image grey")
+
+    @model_validator(mode="after")
+    def _check(self) -> "AugmentOptions":
+        if self.scale[0] > self.scale[1]:
+            raise ValueError(f"scale {list(self.scale)}: the lower bound exceeds the upper")
+        if (self.color_jitter is None) != (self.color_jitter_prob is None):
+            raise ValueError("give color_jitter and color_jitter_prob together")
+        return self
+
+    def open_clip_cfg(self) -> dict:
+        return {k: (list(v) if isinstance(v, tuple) else v) for k, v in self.model_dump().items() if v is not None}
+
+
 class StrictYamlLoader(yaml.SafeLoader):
     """yaml's SafeLoader, refusing two things config files must not do: anchors and aliases (`&a`,
     `*a`, `<<: *a`: a few hundred bytes of nested aliases expand to gigabytes once validated) and a
@@ -125,6 +149,8 @@ class TrainConfig(StrictConfig):
     model_config_path: Optional[str] = Field(None, min_length=1, description="an open_clip model config JSON for an architecture open_clip does not know")
     mbdc: MBDCOptions = Field(default_factory=MBDCOptions, description="MBDC options (heads, reduce_dim, dropout, ...)")
     grad_checkpointing: bool = Field(False, description="recompute activations in the backward pass (less memory)")
+
+    augment: Optional[AugmentOptions] = Field(None, description="training image augmentation (crop scale, colour jitter, grey scale)")
 
     # data (see dalip.data for how the order is fixed)
     train_data: str = Field(..., min_length=1, description="shards: brace pattern, glob, directory; join sources with '::'")

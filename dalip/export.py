@@ -53,8 +53,8 @@ def export_checkpoint(checkpoint: str | Path, out_dir: str | Path) -> dict[str, 
     out = Path(out_dir)
     check_export_dir(out)
     model, _, _, meta = load_for_eval(checkpoint, "cpu")
-    arch = meta["model"].replace("/", "-")
-    arch = Path(arch).stem if arch.endswith(".json") else arch
+    # a JSON config file registers under its stem; a registry name may spell "/" for "-"
+    arch = Path(meta["model"]).stem if meta["model"].endswith(".json") else meta["model"].replace("/", "-")
     model_cfg = open_clip.get_model_config(arch)
     if model_cfg is None:
         raise DalipError(f"model config {arch!r} is not registered with open_clip; cannot export")

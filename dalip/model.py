@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import pickle
+import warnings
 from pathlib import Path
 from typing import Any, Callable
 
@@ -229,18 +230,22 @@ def create_model(
     device: str | torch.device = "cpu",
     precision: str = "fp32",
     model_config_path: str | None = None,
+    aug_cfg: dict[str, Any] | None = None,
 ) -> tuple[DALIP, Callable, Callable, Callable]:
     """Build (DALIP model, preprocess_train, preprocess_val, tokenizer).
 
     `pretrained` is an open_clip tag or a local checkpoint of the base model (open_clip loads it);
     the MBDC modules start from random init. They stay float32 except under pure_* precision.
+    `aug_cfg` (open_clip's AugmentationCfg as a dict) shapes preprocess_train only.
     """
     if precision not in PRECISIONS:
         raise DalipError(f"unknown precision {precision!r}; choose one of {', '.join(PRECISIONS)}")
     name = resolve_model_name(model_name, model_config_path)
     try:
-        base, preprocess_train, preprocess_val = open_clip.create_model_and_transforms(
-            name, pretrained=pretrained, precision=precision, device=device)
+        with warnings.catch_warnings():  # open_clip 2.32 names colour jitter and grey scale "unused", yet applies them
+            warnings.filterwarnings("ignore", message="Unused augmentation cfg items")
+            base, preprocess_train, preprocess_val = open_clip.create_model_and_transforms(
+                name, pretrained=pretrained, precision=precision, device=device, aug_cfg=aug_cfg)
     except pickle.UnpicklingError:
         # torch's own text suggests weights_only=False, i.e. running the file's code: never do that
         raise DalipError(

@@ -221,7 +221,8 @@ def _train(cfg: TrainConfig, ddp: Dist) -> dict[str, Any]:
 
     # Model, loss. Same seed on every rank, so every rank builds identical initial weights.
     model, preprocess_train, _, tokenizer = create_model(
-        cfg.model, pretrained=cfg.pretrained, mbdc=cfg.mbdc.model_dump(), device=ddp.device, model_config_path=cfg.model_config_path
+        cfg.model, pretrained=cfg.pretrained, mbdc=cfg.mbdc.model_dump(), device=ddp.device, model_config_path=cfg.model_config_path,
+        aug_cfg=cfg.augment.open_clip_cfg() if cfg.augment else None,
     )
     if cfg.loss == "clip":  # the baseline leaves the MBDC modules out of the graph: freeze them
         for module in (model.mbdc_image, model.mbdc_text):

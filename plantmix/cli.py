@@ -245,13 +245,16 @@ def mine(
     scorer: Optional[str] = typer.Option(
         None, "--scorer", help="Encode queries with this model instead of the one recorded in BUILD/embeddings/scorer.json."
     ),
+    combine: str = typer.Option(
+        "best", "--combine", help="best: each query searches, a pool image keeps its best; mean: one query, the mean of them all."
+    ),
 ) -> None:
     """Find images of a pool source near plant queries (clip-retrieval index + kNN); write a URL list a
     recipe can read as a `url_list` source."""
     from plantmix.embed.mine import mine as run_mine
 
     with console.status(f"mining {pool}: index, encode queries, search"):
-        table = run_mine(build_dir, pool, queries, k, min_score, out, scorer_model=scorer)
+        table = run_mine(build_dir, pool, queries, k, min_score, out, scorer_model=scorer, combine=combine)
     console.print(f"[green]✓[/] {table.num_rows:,} rows from {pool} → {out}", highlight=False)
 
 

@@ -72,3 +72,24 @@ def test_export_loads_in_open_clip_with_the_same_embeddings(tmp_path, monkeypatc
                 torch.testing.assert_close(got, want)
     finally:
         torch.set_num_threads(threads)
+
+
+def test_a_model_given_as_a_json_config_path_exports_under_its_stem(tmp_path):
+    from dalip.export import export_checkpoint
+    from dalip.model import MODEL_CONFIG_DIR
+
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        config = tmp_path / "configs" / "my-tiny.json"  # a path with "/" in it: the arch is the file's stem
+        config.parent.mkdir()
+        config.write_text((MODEL_CONFIG_DIR / "dalip-tiny.json").read_text())
+        shards = write_shape_shards(tmp_path / "data", num_shards=1, per_shard=16)
+        cfg = load_train_config(None, dict(train_data=str(shards), runs_dir=str(tmp_path), name="j", model=str(config),
+                                           batch_size=16, steps=1, workers=0))  # fmt: skip
+        train(cfg)
+        export_checkpoint(cfg.run_dir, tmp_path / "export")
+        assert json.loads((tmp_path / "export" / "dalip.json").read_text())["arch"] == "my-tiny"
+        assert (tmp_path / "export" / "my-tiny.json").is_file()
+    finally:
+        torch.set_num_threads(threads)

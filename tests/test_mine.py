@@ -15,7 +15,7 @@ from plantmix.core.recipe import RelevanceConfig, ScorerConfig
 from plantmix.core.schema import TAXON_COLUMNS
 from plantmix.embed.mine import mine, plant_prompts
 from plantmix.embed.scorer import load_scorer
-from plantmix.embed.store import read_embeddings
+from plantmix.embed.store import normalise, read_embeddings
 
 pytestmark = pytest.mark.slow
 COLUMNS = ["url", "caption", "uid", "mined_from", "mine_score", "query", *TAXON_COLUMNS, "common_name", "taxon_from"]
@@ -81,6 +81,18 @@ def test_image_queries_find_their_own_rows(build, tmp_path):
         assert mine_row["mine_score"] >= 0.999 and mine_row["query"].endswith(".jpg")
 
 
+def test_mean_combine_ranks_the_pool_by_the_mean_query(build, tmp_path):
+    emb = read_embeddings(build, [POOL])
+    texts, _ = plant_prompts(pq.read_table(build / "candidates.parquet"), None)
+    centroid = scorer(build).encode_text(texts).mean(axis=0)
+    centroid /= np.linalg.norm(centroid)
+    t = mine(build, POOL, "plant-prompts", k=len(emb), min_score=-1, out=tmp_path / "mean.parquet", combine="mean")
+    cos = dict(zip(emb.uid.to_pylist(), normalise(emb.image) @ centroid))
+    assert t.num_rows == len(emb) and set(t["query"].to_pylist()) == {f"mean of {len(texts)} queries"}
+    np.testing.assert_allclose(t["mine_score"].to_numpy(), [cos[u] for u in t["uid"].to_pylist()], atol=2e-3)
+    assert t["taxon_from"].null_count == sum(r is None for r in t["taxon_species"].to_pylist())  # no query taxon
+
+
 def test_a_recipe_ingests_the_mined_list(build, tmp_path):
     from plantmix.build import run_build
     from plantmix.core.recipe import load_recipe
@@ -100,12 +112,13 @@ def test_a_recipe_ingests_the_mined_list(build, tmp_path):
 
 def test_cli_help_and_one_line_errors(build, tmp_path):
     help_text = plantmix("mine", "--help", cwd=tmp_path).stdout
-    for option in ("--pool", "--queries", "--k", "--min-score", "--out", "--scorer"):
+    for option in ("--pool", "--queries", "--k", "--min-score", "--out", "--scorer", "--combine"):
         assert option in help_text
     for args, words in (
         (["--pool", "nowhere"], "holds no embeddings"),
         (["--pool", POOL, "--scorer", str(tmp_path / "missing")], "scorer.model"),
         (["--pool", POOL, "--queries", str(tmp_path / "no_such_dir")], "neither plant-prompts nor an image folder"),
+        (["--pool", POOL, "--combine", "median"], "--combine must be one of best, mean"),
     ):
         p = plantmix("mine", str(build), *args, "--out", str(tmp_path / "x.parquet"), cwd=tmp_path, check=False)
         lines = [ln for ln in p.stderr.strip().splitlines() if ln.strip()]

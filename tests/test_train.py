@@ -156,3 +156,21 @@ def test_cli_user_error_is_one_line(tmp_path, monkeypatch, capsys):
     err = capsys.readouterr().err
     assert exit_.value.code == 2
     assert err.strip() == f"error: shard not found: {missing}"
+
+
+def test_augment_shapes_the_train_transform_and_changes_the_run(shards, tmp_path):
+    from dalip.model import create_model
+
+    aug = dict(scale=[0.5, 1.0], color_jitter=[0.4, 0.4, 0.4, 0.1], color_jitter_prob=0.8, gray_scale_prob=0.2)
+    cfg = _cfg(shards, tmp_path, "aug", augment=aug)
+    _, preprocess, _, _ = create_model(cfg.model, aug_cfg=cfg.augment.open_clip_cfg())
+    text = str(preprocess)
+    assert "scale=(0.5, 1.0)" in text and "color_jitter" in text and "gray_scale" in text
+    train(cfg)
+    train(_cfg(shards, tmp_path, "plain"))
+    aug_loss = [r["loss"] for r in read_train_log(cfg.run_dir)]
+    plain_loss = [r["loss"] for r in read_train_log(tmp_path / "plain")]
+    assert aug_loss[0] != plain_loss[0]  # same seed and data: only the augmentation differs
+    for bad, words in ((dict(scale=[0.9, 0.5]), "lower bound exceeds"), (dict(color_jitter=[0.1] * 4), "together")):
+        with pytest.raises(DalipError, match=words):
+            _cfg(shards, tmp_path, "bad", augment=bad)

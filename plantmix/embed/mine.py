@@ -7,6 +7,9 @@
    (the recipe's relevance plant prompts — RelevanceConfig's defaults when it has none — plus every
    caption template of the build's plant taxa, each prompt remembering its taxon), or the images of a
    folder.
+   With `combine: mean` the queries become one prototype, their L2-normalised mean (query text
+   "mean of N queries", no taxon): on the demo its ranking of the general pool's plants is far better
+   than the best of many single images, each of which has some scene near it (benchmarks/mine_demo.py).
 3. Search the image index, k neighbours per query; keep pairs scoring at least `min_score` (cosine);
    one row per pool image, with its best query.
 4. Write a URL list a recipe reads as a `url_list` source: url, caption, uid, mined_from, mine_score,
@@ -36,6 +39,7 @@ from plantmix.embed.infer import SCORER_RECORD
 from plantmix.embed.store import EMBEDDINGS_DIR, finished_shards, shard_files, source_dir
 
 PLANT_PROMPTS = "plant-prompts"
+COMBINE = ("best", "mean")
 TAXA = [*TAXON_COLUMNS, "common_name"]
 MINE_DIR = "mine"
 
@@ -48,10 +52,13 @@ class Queries:
 
 
 def mine(
-    build_dir: Path, pool: str, queries: str, k: int, min_score: float, out: Path, scorer_model: str | None = None
+    build_dir: Path, pool: str, queries: str, k: int, min_score: float, out: Path, scorer_model: str | None = None,
+    combine: str = "best",
 ) -> pa.Table:
     """Mine `pool` (module doc) and write the URL list to `out`; returns it."""
     build_dir = Path(build_dir)
+    if combine not in COMBINE:
+        raise PlantmixError(f"--combine must be one of {', '.join(COMBINE)}; got {combine!r}")
     if k < 1:
         raise PlantmixError(f"--k must be at least 1; got {k}")
     if not -1 <= min_score <= 1:
@@ -61,6 +68,8 @@ def mine(
     index_dir = build_index(build_dir, pool, threads=recipe.resources.threads if recipe else 2)
     scorer = _scorer(build_dir, recipe, scorer_model)
     q = _queries(queries, scorer, candidates, recipe)
+    if combine == "mean":
+        q = mean_query(q)
     uids = _index_uids(index_dir)
     ids, scores = _search(index_dir, q.vectors, k, len(uids))
     table = _rows(ids, scores, uids, q, min_score, pool, candidates)
@@ -183,6 +192,13 @@ def _queries(spec: str, scorer, candidates: pa.Table, recipe: Recipe | None) -> 
     if not ok.all():
         raise PlantmixError(f"--queries {spec}: cannot read image {files[int(np.argmin(ok))]}")
     return Queries([str(f.relative_to(folder)) for f in files], vectors, None)
+
+
+def mean_query(q: Queries) -> Queries:
+    """The queries as one prototype: their L2-normalised mean."""
+    from plantmix.embed.store import normalise
+
+    return Queries([f"mean of {len(q.texts)} queries"], normalise(q.vectors.mean(axis=0, keepdims=True)), None)
 
 
 def _index_uids(index_dir: Path) -> np.ndarray:
