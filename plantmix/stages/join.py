@@ -21,10 +21,11 @@ import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
 from plantmix.core.errors import PlantmixError
+from plantmix.core.overlap import ahead
 from plantmix.core.recipe import ResourcesConfig
 from plantmix.core.schema import (
     CANDIDATE_SCHEMA, DROP_DOWNLOAD_FAILED, MANIFEST_EXTRA_FIELDS, STATUS_MISSING, STATUS_NOT_ATTEMPTED,
-    STATUS_UNDECODABLE,
+    STATUS_UNDECODABLE, TAXON_COLUMNS,
 )  # fmt: skip
 from plantmix.core.stage import atomic_path
 from plantmix.stages.hashes import HASH_SCHEMA
@@ -41,6 +42,15 @@ JOINED_SCHEMA = pa.schema(
     [CANDIDATE_SCHEMA.field(n) for n in _CANDIDATE_COLUMNS] + MANIFEST_EXTRA_FIELDS + [pa.field("drop_reason", pa.string())]
 )
 ROWS_PER_BATCH = 256_000  # candidate rows per written row group
+# The write is the join's largest cost: dictionaries only where values repeat (a per-row value, e.g.
+# uid or sha256, fills a dictionary page only to fall back), statistics only on the fixed-width
+# columns (string min/max cost a tenth of the write and no reader filters on them).
+_REPEATING = {"source", "domain", "license", "attribution", *TAXON_COLUMNS, "common_name", "status", "error_message",
+              "shard", "drop_reason"}  # fmt: skip
+_ENCODING = {
+    "use_dictionary": [f.name for f in JOINED_SCHEMA if f.name in _REPEATING or not pa.types.is_string(f.type)],
+    "write_statistics": [f.name for f in JOINED_SCHEMA if not (pa.types.is_string(f.type) or pa.types.is_list(f.type))],
+}
 
 
 def output_files(build_dir: Path, kind: str) -> pa.Table:
@@ -75,23 +85,29 @@ def join_to_parquet(candidates_path: Path, build_dir: Path, out: Path, resources
     downloads, shards = read_downloads(Path(build_dir), resources.threads)
     row = match_downloads(pq.read_table(candidates_path, columns=["uid", "source"]), downloads, shards)
     downloads = downloads.drop_columns(["uid"])
-    with atomic_path(out) as tmp, pq.ParquetWriter(tmp, JOINED_SCHEMA, compression="zstd") as writer:
-        start = 0
-        for batch in _candidate_batches(candidates):
-            writer.write_table(_joined(batch, downloads, shards, row[start : start + batch.num_rows]))
-            start += batch.num_rows
+    batches = _batches(candidates.metadata)
+
+    def load(batch: tuple[list[int], int]) -> pa.Table:
+        groups, start = batch
+        # a reader per call: the next batch loads while this one is written
+        read = pq.ParquetFile(candidates_path, metadata=candidates.metadata).read_row_groups(groups, columns=[*_CANDIDATE_COLUMNS, "drop_reason"])
+        return _joined(read, downloads, shards, row[start : start + read.num_rows])
+
+    with atomic_path(out) as tmp, pq.ParquetWriter(tmp, JOINED_SCHEMA, compression="zstd", **_ENCODING) as writer:
+        for _, table in ahead(load, batches):
+            writer.write_table(table)
 
 
-def _candidate_batches(candidates: pq.ParquetFile):
-    """The candidate columns in file order, about ROWS_PER_BATCH rows at a time (whole row groups)."""
-    groups: list[int] = []
-    rows = 0
-    for i in range(candidates.num_row_groups):
+def _batches(metadata: pq.FileMetaData) -> list[tuple[list[int], int]]:
+    """(row groups, first row) of each batch: whole row groups, about ROWS_PER_BATCH rows a batch."""
+    batches, groups, first, rows = [], [], 0, 0
+    for i in range(metadata.num_row_groups):
         groups.append(i)
-        rows += candidates.metadata.row_group(i).num_rows
-        if rows >= ROWS_PER_BATCH or i == candidates.num_row_groups - 1:
-            yield candidates.read_row_groups(groups, columns=[*_CANDIDATE_COLUMNS, "drop_reason"])
-            groups, rows = [], 0
+        rows += metadata.row_group(i).num_rows
+        if rows - first >= ROWS_PER_BATCH or i == metadata.num_row_groups - 1:
+            batches.append((groups, first))
+            groups, first = [], rows
+    return batches
 
 
 # ---- the download rows ---------------------------------------------------------------------------
@@ -109,17 +125,23 @@ def read_downloads(build_dir: Path, threads: int = 2) -> tuple[pa.Table, pa.Tabl
     jobs = [(f, hashes[s], i) for i, (f, s) in enumerate(zip(dl.column("file").to_pylist(), dl.column("shard").to_pylist()))]
     with ThreadPoolExecutor(max(1, threads)) as pool:
         parts = list(pool.map(lambda job: _read_shard(*job), jobs))
-    if not parts:
-        return _download_schema().empty_table(), shards
-    # one chunk (large strings: no 2 GiB limit), so each batch's take is a gather, not a concatenation
-    table = pa.concat_tables(parts).combine_chunks()
-    large = pa.schema([pa.field(f.name, pa.large_string()) if f.type == pa.string() else f for f in table.schema])
-    return table.cast(large).combine_chunks(), shards
+    # one chunk per column, so each batch's take is a gather, not a concatenation; built a column at
+    # a time, each column's parts freed as it is joined, so the rows are held about once, not twice
+    chunks = {name: [p.column(name).chunk(0) for p in parts] for name in DOWNLOADS_SCHEMA.names}
+    del parts
+    columns = [pa.concat_arrays(chunks.pop(name)) if chunks[name] else pa.array([], f.type)
+               for name, f in zip(DOWNLOADS_SCHEMA.names, DOWNLOADS_SCHEMA)]  # fmt: skip
+    return pa.table(columns, schema=DOWNLOADS_SCHEMA), shards
 
 
-def _download_schema() -> pa.Schema:
-    hash_fields = [f for f in HASH_SCHEMA if f.name != "key"]
-    return pa.schema([*DOWNLOAD_SCHEMA, *hash_fields, pa.field("file", pa.int32())])
+def _large(field: pa.Field) -> pa.Field:
+    return field.with_type(pa.large_string()) if field.type == pa.string() else field
+
+
+# The download rows as held: strings large (no 2 GiB limit on one column of all rows), hash columns
+# attached, `file` indexing the shards table.
+DOWNLOADS_SCHEMA = pa.schema([_large(f) for f in [*DOWNLOAD_SCHEMA, *[f for f in HASH_SCHEMA if f.name != "key"],
+                                                  pa.field("file", pa.int32())]])  # fmt: skip
 
 
 def _read_shard(download: str, hashes: str | None, file: int) -> pa.Table:
@@ -132,7 +154,8 @@ def _read_shard(download: str, hashes: str | None, file: int) -> pa.Table:
     cols = {f.name: d[f.name] for f in DOWNLOAD_SCHEMA}
     cols.update((f.name, h[f.name].take(at)) for f in HASH_SCHEMA if f.name != "key")
     cols["file"] = pa.array(np.full(d.num_rows, file, np.int32))
-    return pa.table(cols, schema=_download_schema())
+    return pa.table([cols[f.name].cast(f.type).combine_chunks() if isinstance(cols[f.name], pa.ChunkedArray)
+                     else cols[f.name].cast(f.type) for f in DOWNLOADS_SCHEMA], schema=DOWNLOADS_SCHEMA)
 
 
 def _read_as(path: str, schema: pa.Schema) -> pa.Table:
