@@ -175,11 +175,12 @@ def _char_stats(text: pa.Array, classes: np.ndarray) -> dict[str, np.ndarray]:
     ASCII strings (nearly all captions) are counted byte by byte; the others character by character
     (`_unicode_stats`), and the two merged back in row order.
     """
-    ascii_rows = pc.string_is_ascii(text).to_numpy(zero_copy_only=False)
-    if ascii_rows.all():
+    offsets, data = string_buffers(text)
+    wide_bytes = np.flatnonzero(data[offsets[0] : offsets[-1]] >= 0x80)
+    if not len(wide_bytes):
         return _ascii_stats(text, classes)
-    if not ascii_rows.any():
-        return _unicode_stats(text, classes)
+    ascii_rows = np.ones(len(text), bool)
+    ascii_rows[np.searchsorted(offsets, wide_bytes + offsets[0], side="right") - 1] = False
     at_ascii, at_wide = np.flatnonzero(ascii_rows), np.flatnonzero(~ascii_rows)
     narrow = _ascii_stats(text.take(pa.array(at_ascii)), classes)
     wide = _unicode_stats(text.take(pa.array(at_wide)), classes)
