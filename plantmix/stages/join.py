@@ -2,7 +2,7 @@
 
 img2dataset's per-shard parquet files and the hash files are listed in Python, where the source and
 the shard of each file are known from its place under the build directory, so no path is parsed.
-The download rows (narrow: outcome, sizes, hashes; ~200 bytes each) are read once into memory, each
+The download rows (narrow: outcome, sizes, hashes; ~230 bytes each) are read once into memory, each
 with its shard's pHash row attached; every candidate is matched to its (source, uid) download row
 by hash lookup; the candidates are then streamed in file order, batch by batch, and each batch is
 written with its download columns taken alongside — no sort, and the wide candidate columns are
@@ -44,7 +44,7 @@ JOINED_SCHEMA = pa.schema(
 ROWS_PER_BATCH = 256_000  # candidate rows per written row group
 # The write is the join's largest cost: dictionaries only where values repeat (a per-row value, e.g.
 # uid or sha256, fills a dictionary page only to fall back), statistics only on the fixed-width
-# columns (string min/max cost a tenth of the write and no reader filters on them).
+# columns (string min/max cost a tenth of the write; this intermediate file is read whole).
 _REPEATING = {"source", "domain", "license", "attribution", *TAXON_COLUMNS, "common_name", "status", "error_message",
               "shard", "drop_reason"}  # fmt: skip
 _ENCODING = {
@@ -90,7 +90,8 @@ def join_to_parquet(candidates_path: Path, build_dir: Path, out: Path, resources
     def load(batch: tuple[list[int], int]) -> pa.Table:
         groups, start = batch
         # a reader per call: the next batch loads while this one is written
-        read = pq.ParquetFile(candidates_path, metadata=candidates.metadata).read_row_groups(groups, columns=[*_CANDIDATE_COLUMNS, "drop_reason"])
+        reader = pq.ParquetFile(candidates_path, metadata=candidates.metadata)
+        read = reader.read_row_groups(groups, columns=[*_CANDIDATE_COLUMNS, "drop_reason"])
         return _joined(read, downloads, shards, row[start : start + read.num_rows])
 
     with atomic_path(out) as tmp, pq.ParquetWriter(tmp, JOINED_SCHEMA, compression="zstd", **_ENCODING) as writer:
