@@ -12,6 +12,7 @@ never held whole. Every candidate keeps exactly one row whatever happened to it.
 from __future__ import annotations
 
 import tempfile
+from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
@@ -41,7 +42,7 @@ _CANDIDATE_COLUMNS = [f.name for f in CANDIDATE_SCHEMA if f.name != "drop_reason
 JOINED_SCHEMA = pa.schema(
     [CANDIDATE_SCHEMA.field(n) for n in _CANDIDATE_COLUMNS] + MANIFEST_EXTRA_FIELDS + [pa.field("drop_reason", pa.string())]
 )
-ROWS_PER_BATCH = 256_000  # candidate rows per written row group
+ROWS_PER_BATCH = 256_000  # candidate rows per batch (about), and per written row group (exactly)
 # The write is the join's largest cost: dictionaries only where values repeat (a per-row value, e.g.
 # uid or sha256, fills a dictionary page only to fall back), statistics only on the fixed-width
 # columns (string min/max cost a tenth of the write; this intermediate file is read whole).
@@ -95,8 +96,23 @@ def join_to_parquet(candidates_path: Path, build_dir: Path, out: Path, resources
         return _joined(read, downloads, shards, row[start : start + read.num_rows])
 
     with atomic_path(out) as tmp, pq.ParquetWriter(tmp, JOINED_SCHEMA, compression="zstd", **_ENCODING) as writer:
-        for _, table in ahead(load, batches):
-            writer.write_table(table)
+        _write_groups(writer, (table for _, table in ahead(load, batches)))
+
+
+def _write_groups(writer: pq.ParquetWriter, tables: Iterator[pa.Table]) -> None:
+    """Write `tables` in row groups of exactly ROWS_PER_BATCH rows (the last one shorter), whatever
+    their sizes: later stages stream the file a row group at a time."""
+    pending, rows = [], 0
+    for table in tables:
+        pending.append(table)
+        rows += table.num_rows
+        if rows >= ROWS_PER_BATCH:
+            whole = pa.concat_tables(pending)
+            cut = rows - rows % ROWS_PER_BATCH
+            writer.write_table(whole.slice(0, cut), row_group_size=ROWS_PER_BATCH)
+            pending, rows = [whole.slice(cut)], rows - cut
+    if rows:
+        writer.write_table(pa.concat_tables(pending))
 
 
 def _batches(metadata: pq.FileMetaData) -> list[tuple[list[int], int]]:
