@@ -156,7 +156,7 @@ def test_proposals_keep_image_and_caption_reasons_apart():
 # Fragments chosen to sit on every rule's edge: Unicode spaces and digits, file names, letters whose
 # Unicode name is not their script's (ª, µ, fullwidth), combining marks, CJK, Cyrillic, Greek.
 _FRAGMENTS = [
-    "a", "photo", "of", "Quercus", "robur", "leaf", " ", "  ", "\t", "\u3000", "\xa0", "\x1c", "\n", ".", ",",
+    "a", "photo", "of", "Quercus", "robur", "leaf", " ", "  ", "\t", "\u3000", "\xa0", "\x1c", "\x1f", "\x0b", "\n", ".", ",",
     "IMG_", "DSC", "dscn", "Pxl_", "p", "12", "0042", "\u0663\u0664", "\uff11\uff12", ".jpg", ".JPEG", ".png",
     ".tiff", ".heic", "-", "_", "#", "!!", "?", "дуб", "лист", "橡树", "照片", "φύλλο", "ª", "µ", "ß", "é",
     "e\u0301", "\uff21\uff22", "Ⅻ", "ǅ", "ʰ", "𝔄", "ok", "x" * 30,

@@ -39,6 +39,7 @@ import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
 from plantmix.core.errors import PlantmixError
+from plantmix.core.overlap import ahead
 from plantmix.core.recipe import DedupConfig
 from plantmix.core.stage import atomic_path
 from plantmix.core.schema import (
@@ -79,13 +80,16 @@ def decide_to_parquet(
     columns = decision_columns(joined, filters, pairs, cfg, source_priority, held_out, model)
     del joined
     schema = None
+    starts = np.cumsum([0] + [source.metadata.row_group(i).num_rows for i in range(source.num_row_groups)])
+
+    def load(i: int) -> pa.Table:
+        # a reader per call: the next row group is read and decided while this one is written
+        part = pq.ParquetFile(joined_path, metadata=source.metadata).read_row_group(i)
+        return apply_decisions(part, {k: v.slice(starts[i], part.num_rows) for k, v in columns.items()})
+
     with atomic_path(out_path) as tmp:
         writer = None
-        offset = 0
-        for i in range(source.num_row_groups):
-            part = source.read_row_group(i)
-            part = apply_decisions(part, {k: v.slice(offset, part.num_rows) for k, v in columns.items()})
-            offset += part.num_rows
+        for _, part in ahead(load, range(source.num_row_groups)):
             if writer is None:
                 schema = pandas_readable(part).schema
                 writer = pq.ParquetWriter(tmp, schema, compression="zstd")

@@ -141,7 +141,7 @@ def _caption_codes(captions: pa.ChunkedArray, cfg: FilterConfig) -> np.ndarray:
     rules = [
         (DROP_CAPTION_EMPTY, chars == 0),
         (DROP_CAPTION_GARBAGE, pc.match_substring_regex(text, FILENAME_LIKE).to_numpy(zero_copy_only=False)
-         | (letters < cfg.caption_min_letter_ratio * (chars - stats["blanks"]))),
+         | _few_letters(text, chars, letters, cfg.caption_min_letter_ratio)),
     ]
     if scripts:
         foreign = letters - stats["allowed"]
@@ -154,30 +154,94 @@ def _caption_codes(captions: pa.ChunkedArray, cfg: FilterConfig) -> np.ndarray:
     return codes
 
 
+def _few_letters(text: pa.Array, chars: np.ndarray, letters: np.ndarray, ratio: float) -> np.ndarray:
+    """letters < ratio × (characters other than ASCII blanks). Blanks only lower the bound, so they
+    are counted only in the rows that fail it without them."""
+    out = letters < ratio * chars
+    maybe = np.flatnonzero(out)
+    if len(maybe):
+        blanks = _np(pc.count_substring(text.take(pa.array(maybe)), " ")).astype(np.int64)
+        out[maybe] = letters[maybe] < ratio * (chars[maybe] - blanks)
+    return out
+
+
 # Per-code-point class bits, from Python's own Unicode database (so the rules are str's rules).
 _LETTER, _SPACE_BIT, _ALLOWED = 1, 2, 4
 
 
 def _char_stats(text: pa.Array, classes: np.ndarray) -> dict[str, np.ndarray]:
-    """Per string: characters, letters, letters of an allowed script, words, ASCII blanks.
+    """Per string: characters, letters, letters of an allowed script, words.
 
-    Works on the UTF-8 buffer: one entry per character (its lead byte), ASCII classified by table,
-    the rare multi-byte characters decoded to code points first. ASCII letters are all Latin, so
-    only multi-byte letters need counting apart for the script rule.
+    ASCII strings (nearly all captions) are counted byte by byte; the others character by character
+    (`_unicode_stats`), and the two merged back in row order.
+    """
+    offsets, data = string_buffers(text)
+    wide_bytes = np.flatnonzero(data[offsets[0] : offsets[-1]] >= 0x80)
+    if not len(wide_bytes):
+        return _ascii_stats(text, classes)
+    ascii_rows = np.ones(len(text), bool)
+    ascii_rows[np.searchsorted(offsets, wide_bytes + offsets[0], side="right") - 1] = False
+    at_ascii, at_wide = np.flatnonzero(ascii_rows), np.flatnonzero(~ascii_rows)
+    narrow = _ascii_stats(text.take(pa.array(at_ascii)), classes)
+    wide = _unicode_stats(text.take(pa.array(at_wide)), classes)
+    out = {}
+    for name in narrow:
+        out[name] = np.empty(len(text), np.int64)
+        out[name][at_ascii], out[name][at_wide] = narrow[name], wide[name]
+    return out
+
+
+def _ascii_stats(text: pa.Array, classes: np.ndarray) -> dict[str, np.ndarray]:
+    """`_char_stats` of ASCII strings: one byte is one character, classed by arithmetic (ASCII
+    letters are A-Z and a-z; ASCII spaces \\t-\\r, \\x1c-\\x1f and ' ', as in `str`)."""
+    offsets, data = string_buffers(text)
+    data = data[offsets[0] : offsets[-1]]
+    starts = offsets[:-1] - offsets[0]
+    chars = np.diff(offsets)
+    scratch = np.bitwise_or(data, 0x20)
+    letter = np.subtract(scratch, ord("a"), out=scratch) < 26  # uint8 wraps: one compare per range
+    space = np.subtract(data, 9, out=scratch) < 5
+    space |= np.subtract(data, 0x1C, out=scratch) < 4
+    space |= data == ord(" ")
+    word_start = ~space
+    word_start[1:] &= space[:-1]
+    nonempty = np.flatnonzero(chars > 0)
+    word_start[starts[nonempty]] = ~space[starts[nonempty]]  # a string's first character starts a word
+    if len(chars) and chars.max() < 1 << 16:  # both counts in one pass: words in the high half
+        packed = word_start.astype(np.uint32)
+        packed <<= 16
+        packed |= letter
+        both = _per_string(packed, starts, nonempty, len(chars), np.uint32)
+        letters, words = both & 0xFFFF, both >> 16
+    else:
+        letters, words = _per_string(letter, starts, nonempty, len(chars)), _per_string(word_start, starts, nonempty, len(chars))
+    return {
+        "chars": chars,
+        "letters": letters,
+        "allowed": letters if classes[ord("a")] & _ALLOWED else np.zeros(len(chars), np.int64),
+        "words": words,
+    }
+
+
+def _per_string(flags: np.ndarray, starts: np.ndarray, nonempty: np.ndarray, n: int, dtype=np.int32) -> np.ndarray:
+    """Sum of flags over each string's characters (reduceat is one pass; empty strings are 0)."""
+    out = np.zeros(n, np.int64)
+    if len(nonempty):
+        values = flags.view(np.uint8) if flags.dtype == bool else flags
+        out[nonempty] = np.add.reduceat(values, starts[nonempty], dtype=dtype)
+    return out
+
+
+def _unicode_stats(text: pa.Array, classes: np.ndarray) -> dict[str, np.ndarray]:
+    """`_char_stats` of any strings. Works on the UTF-8 buffer: one entry per character (its lead
+    byte), ASCII classified by table, the multi-byte characters decoded to code points first. ASCII
+    letters are all Latin, so only multi-byte letters need counting apart for the script rule.
     """
     offsets, data = string_buffers(text)
     data = np.append(data[offsets[0] : offsets[-1]], np.zeros(3, np.uint8))  # room to decode the last char
     chars = _np(pc.utf8_length(text)).astype(np.int64)
     char_start = np.concatenate(([0], np.cumsum(chars)[:-1]))
     nonempty = np.flatnonzero(chars > 0)
-
-    def per_string(flags: np.ndarray) -> np.ndarray:
-        """Sum of 0/1 flags over each string's characters (reduceat is one pass; empty strings are 0)."""
-        out = np.zeros(len(chars), np.int64)
-        if len(nonempty):
-            out[nonempty] = np.add.reduceat(flags.view(np.uint8), char_start[nonempty], dtype=np.int32)
-        return out
-
     lead_at = np.flatnonzero((data[:-3] & 0xC0) != 0x80)
     first = data[lead_at]
     cls = classes[first]  # right for ASCII; multi-byte characters are looked up below
@@ -188,7 +252,7 @@ def _char_stats(text: pa.Array, classes: np.ndarray) -> dict[str, np.ndarray]:
     word_start = np.concatenate(([True], space[:-1]))[: len(space)]
     word_start[char_start[nonempty]] = True  # a string's first character starts a word
     word_start &= ~space
-    letters = per_string(cls & _LETTER)
+    letters = _per_string(cls & _LETTER, char_start, nonempty, len(chars))
     row_of_wide = np.searchsorted(char_start, wide, side="right") - 1
     wide_letters = np.bincount(row_of_wide, weights=wide_cls & _LETTER, minlength=len(chars)).astype(np.int64)
     wide_allowed = np.bincount(row_of_wide, weights=(wide_cls & _ALLOWED) != 0, minlength=len(chars)).astype(np.int64)
@@ -197,8 +261,7 @@ def _char_stats(text: pa.Array, classes: np.ndarray) -> dict[str, np.ndarray]:
         "chars": chars,
         "letters": letters,
         "allowed": wide_allowed + (letters - wide_letters if ascii_allowed else 0),
-        "words": per_string(word_start),
-        "blanks": _np(pc.count_substring(text, " ")).astype(np.int64),
+        "words": _per_string(word_start, char_start, nonempty, len(chars)),
     }
 
 

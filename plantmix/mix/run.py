@@ -5,11 +5,7 @@ from __future__ import annotations
 import json
 import shutil
 import tempfile
-from collections import deque
-from collections.abc import Callable, Iterable, Iterator
-from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
-from typing import TypeVar
 
 import numpy as np
 import pyarrow as pa
@@ -20,6 +16,7 @@ from rich.console import Console
 
 from plantmix.core.errors import PlantmixError
 from plantmix.core.lock import directory_lock
+from plantmix.core.overlap import ahead
 from plantmix.core.recipe import ResourcesConfig
 from plantmix.core.stage import (
     atomic_path, clear_done, done_marker, fingerprint, mark_done, remove_stale_temporaries, require_columns,
@@ -34,7 +31,6 @@ MIX_FIELDS = [
     pa.field("mix_position", pa.int64()),  # global shuffled position
     pa.field("mix_shard", pa.int64()),  # = mix_position // shard_size
 ]
-T, R = TypeVar("T"), TypeVar("R")
 _MIX_VERSION = 1  # bump when the selection or the mix manifest layout changes
 
 
@@ -60,7 +56,7 @@ def write_mix_manifest(
         # where readers filter (by shard, position): string statistics cost a fifth of the write.
         with pq.ParquetWriter(tmp, target, compression="snappy", use_dictionary=False,
                               write_statistics=["mix_shard", "mix_position"]) as writer:
-            for path, part in _ahead(_sorted_bucket, buckets):
+            for path, part in ahead(_sorted_bucket, buckets):
                 writer.write_table(part, row_group_size=shard_size)
                 path.unlink()
         if not buckets:
@@ -93,7 +89,7 @@ def _spill_by_bucket(
         rows = pq.ParquetFile(manifest, metadata=pf.metadata).read_row_group(rg).take(pa.array(sel.row[picked] - starts[rg]))
         return _with_mix_columns(rows, sel, picked, shard_size).cast(target), np.searchsorted(bucket, np.arange(n_buckets + 1))
 
-    for _, result in _ahead(picked_rows, range(pf.num_row_groups), depth=2):
+    for _, result in ahead(picked_rows, range(pf.num_row_groups), depth=2):
         if result is not None:
             part, bounds = result
             for k in np.flatnonzero(np.diff(bounds)):
@@ -108,20 +104,6 @@ def _sorted_bucket(path: Path) -> pa.Table:
     with pa.OSFile(str(path)) as source:
         part = pa.ipc.open_file(source).read_all()
     return part.take(pa.array(np.argsort(part["mix_position"].to_numpy(), kind="stable")))
-
-
-def _ahead(load: Callable[[T], R], items: Iterable[T], depth: int = 1) -> Iterator[tuple[T, R]]:
-    """(item, load(item)) in order, the next `depth` items loading on threads while the caller works on
-    this one: Arrow reads, takes and writes release the GIL, so loading overlaps writing (and, with
-    depth 2, a second load uses the core a single-threaded step leaves idle)."""
-    items = list(items)
-    with ThreadPoolExecutor(max(1, depth)) as pool:
-        pending = deque(pool.submit(load, item) for item in items[:depth])
-        for i, item in enumerate(items):
-            result = pending.popleft().result()
-            if i + depth < len(items):
-                pending.append(pool.submit(load, items[i + depth]))
-            yield item, result
 
 
 def _with_mix_columns(rows: pa.Table, sel: Selection, picked: np.ndarray, shard_size: int) -> pa.Table:

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import math
 import tempfile
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Literal
@@ -200,33 +201,21 @@ def select(table: pa.Table, spec: MixSpec, where: str = "manifest") -> Selection
         raise PlantmixError(f"{where}: source weight given for unknown source(s) {missing}; sources: {sorted(sources)}")
     src_weight = np.array([spec.source_weights.get(s, 1.0) for s in sources] or [1.0])
     uid = table["uid"].combine_chunks() if table.num_rows else pa.array([], pa.string())
-    keys = selection_keys(fnv1a64(uid), spec.seed)
-    caps = [(_codes(table[f"taxon_{rank}"])[0], k) for rank, k in spec.caps()]
+    # the sorts, hashes and codes release the GIL: the uid hash and the plant domain's sorts each
+    # share the second core with the rest
+    with ThreadPoolExecutor(2) as pool:
+        hashed = pool.submit(lambda: selection_keys(fnv1a64(uid), spec.seed))
+        caps = [(_codes(table[f"taxon_{rank}"])[0], k) for rank, k in spec.caps()]
+        keys = hashed.result()
 
-    rows, repeats, repeated, available = [], [], [], {}
-    for name, n in spec.counts().items():
-        code = domains.index(name) if name in domains else -2
-        eligible = np.flatnonzero(keep & (domain == code))
-        w = src_weight[source[eligible]] if spec.source_weights else None
-        order = eligible[priority_order(keys[eligible], None if w is None or np.all(w == w[:1]) else w)]
-        _check_unique(uid, order, keys[order], where)  # a repeated uid has equal keys: adjacent here
-        order = apply_caps(order, [(codes, k) for codes, k in caps])
-        available[name] = len(order)
-        if n > len(order) and (not spec.allow_repeat or len(order) == 0):
-            capped = "".join(f", at most {k} per {r}" for r, k in spec.caps())
-            hint = "" if spec.allow_repeat else "; pass --allow-repeat to repeat samples"
-            raise ShortfallError(
-                f"{where}: domain '{name}' needs {n} rows but only {len(order)} are available "
-                f"(keep = true{capped}){hint}"
-            )
-        if n <= len(order):
-            rows.append(order[:n])
-            repeats.append(np.zeros(n, np.int32))
-        else:  # cycle through the whole order: copy r of row i is sample r * len(order) + i
-            take = np.arange(n)
-            rows.append(order[take % len(order)])
-            repeats.append((take // len(order)).astype(np.int32))
-        repeated.append(np.full(n, n > len(order)))
+        def pick(name: str, n: int) -> tuple[np.ndarray, np.ndarray, np.ndarray, int]:
+            code = domains.index(name) if name in domains else -2
+            eligible = np.flatnonzero(keep & (domain == code))
+            return _pick_domain(name, n, eligible, keys, uid, source, src_weight, caps, spec, where)
+
+        picked = list(pool.map(lambda item: pick(*item), spec.counts().items()))
+    rows, repeats, repeated = (list(x) for x in zip(*[p[:3] for p in picked]))
+    available = {name: p[3] for name, p in zip(spec.counts(), picked)}
     row = np.concatenate(rows).astype(np.int64)
     repeat = np.concatenate(repeats)
     unsafe = _first_row_with_bytes(uid, b"./ \t\n\r\x0b\x0c")
@@ -237,6 +226,28 @@ def select(table: pa.Table, spec: MixSpec, where: str = "manifest") -> Selection
     position = np.empty(len(row), np.int64)
     position[shuffled] = np.arange(len(row))
     return Selection(row, repeat, np.concatenate(repeated), position, available)
+
+
+def _pick_domain(
+    name: str, n: int, eligible: np.ndarray, keys: np.ndarray, uid: pa.Array, source: np.ndarray,
+    src_weight: np.ndarray, caps: list[tuple[np.ndarray, int]], spec: MixSpec, where: str,
+) -> tuple[np.ndarray, np.ndarray, np.ndarray, int]:
+    """One domain's (rows, repeats, repeated flags, rows available after caps) among its eligible rows."""
+    w = src_weight[source[eligible]] if spec.source_weights else None
+    order = eligible[priority_order(keys[eligible], None if w is None or np.all(w == w[:1]) else w)]
+    _check_unique(uid, order, keys[order], where)  # a repeated uid has equal keys: adjacent here
+    order = apply_caps(order, caps)
+    if n > len(order) and (not spec.allow_repeat or len(order) == 0):
+        capped = "".join(f", at most {k} per {r}" for r, k in spec.caps())
+        hint = "" if spec.allow_repeat else "; pass --allow-repeat to repeat samples"
+        raise ShortfallError(
+            f"{where}: domain '{name}' needs {n} rows but only {len(order)} are available "
+            f"(keep = true{capped}){hint}"
+        )
+    if n <= len(order):
+        return order[:n], np.zeros(n, np.int32), np.full(n, False), len(order)
+    take = np.arange(n)  # cycle through the whole order: copy r of row i is sample r * len(order) + i
+    return order[take % len(order)], (take // len(order)).astype(np.int32), np.full(n, True), len(order)
 
 
 def _check_unique(uid: pa.Array, order: np.ndarray, sorted_keys: np.ndarray, where: str) -> None:
