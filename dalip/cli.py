@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import logging
 import sys
+import textwrap
 from pathlib import Path
 from typing import Any, List, Optional
 
@@ -110,6 +111,31 @@ def train(
         console.print(f"done: step {summary['step']}, loss {summary['loss']:.4f}; run in {summary['run_dir']}")
     else:
         console.print(f"nothing to do: {summary['run_dir']} is already at step {summary['step']}")
+
+
+def _config_only_keys(model: type[BaseModel], flagged: set[str], prefix: str = "") -> list[str]:
+    """`key: description [default: ...]` of every field of `model` without a flag, sections unfolded."""
+    lines = []
+    for name, info in model.model_fields.items():
+        key = prefix + name
+        if key in flagged:
+            continue
+        lines.append(textwrap.fill(f"{key}: {_field_help(model, name)}", 78, initial_indent="  ", subsequent_indent="      "))
+        section = next((t for t in getattr(info.annotation, "__args__", (info.annotation,)) if isinstance(t, type) and issubclass(t, BaseModel)), None)
+        if section is not None:
+            lines += _config_only_keys(section, flagged, key + ".")
+    return lines
+
+
+def _train_epilog() -> str:
+    import inspect
+
+    flagged = set(inspect.signature(train).parameters) | {"mbdc.dropout"}
+    # "\b" keeps click from rewrapping the list into one paragraph
+    return "\b\nKeys of the --config file that have no flag:\n" + "\n".join(_config_only_keys(TrainConfig, flagged))
+
+
+next(c for c in app.registered_commands if c.callback is train).epilog = _train_epilog()
 
 
 @app.command("eval")

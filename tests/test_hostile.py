@@ -261,6 +261,16 @@ def test_every_option_has_help_and_its_default(monkeypatch, capsys):
     for p in options:
         assert "[default:" in p.help, p.opts
     assert "--lr <float> peak learning rate (AdamW) [default: 0.0005]." in text
+    # every config key without a flag is listed after the options, nested sections unfolded
+    from dalip.config import AugmentOptions, MBDCOptions, TrainConfig
+
+    flagged = {p.name for p in train.params}
+    keys = [k for k in TrainConfig.model_fields if k not in flagged]
+    keys += [f"mbdc.{k}" for k in MBDCOptions.model_fields if k != "dropout"] + [f"augment.{k}" for k in AugmentOptions.model_fields]
+    assert "mbdc.heads" in keys and "augment.scale" in keys
+    for key in keys:
+        assert f" {key}: " in text, key
+    assert "augment.scale: area range of the random resized crop [default: (0.9, 1.0)]." in text
     mix = " ".join(CliRunner().invoke(dict(_commands(plantmix.cli.app))["mix"], ["--help"], terminal_width=1000).output.split())
     assert "Mix name [default: from ratio/total/seed]." in mix and "Samples per output shard. [default: 10000]" in mix
 
