@@ -26,7 +26,6 @@ import argparse
 import json
 import os
 import sys
-import tarfile
 import tempfile
 import time
 from pathlib import Path
@@ -37,6 +36,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import numpy as np  # noqa: E402
 import pyarrow.parquet as pq  # noqa: E402
 
+from plantmix.demo.validation import read_pairs  # noqa: E402
 from plantmix.embed.mine import COMBINE, PLANT_PROMPTS, mine  # noqa: E402
 from plantmix.embed.store import read_embeddings  # noqa: E402
 from plantmix.stages.ingest import make_uid  # noqa: E402
@@ -52,12 +52,9 @@ PRETRAIN_PLANTS = "pretrain-plants"
 def write_pretrain_plants(world: Path, out: Path) -> Path:
     """The plant images of the world's pretraining shard as an image folder (one file per sample)."""
     out.mkdir(parents=True, exist_ok=True)
-    with tarfile.open(world / "pretrain" / "00000.tar") as tar:
-        members = {m.name: m for m in tar.getmembers()}
-        for name in sorted(n for n in members if n.endswith(".json")):
-            stem = name[: -len(".json")]
-            if json.loads(tar.extractfile(members[name]).read())["domain"] == "plant":
-                (out / f"{stem}.jpg").write_bytes(tar.extractfile(members[stem + ".jpg"]).read())
+    for key, meta, jpg in read_pairs(world / "pretrain" / "00000.tar"):
+        if meta["domain"] == "plant":
+            (out / f"{key}.jpg").write_bytes(jpg)
     return out
 
 

@@ -32,7 +32,6 @@ import io
 import json
 import os
 import sys
-import tarfile
 import time
 from pathlib import Path
 
@@ -48,7 +47,7 @@ from plantmix.core.recipe import RelevanceConfig, ScorerConfig  # noqa: E402
 from plantmix.core.schema import (  # noqa: E402
     DROP_CLIP_SCORE_LOW, DROP_DUPLICATE_SEMANTIC, DROP_EVAL_OVERLAP, DROP_NOT_A_PLANT, DROP_PLANT_IN_GENERAL,
 )
-from plantmix.demo.validation import SCENE_CLASSNAMES  # noqa: E402
+from plantmix.demo.validation import SCENE_CLASSNAMES, read_pairs  # noqa: E402
 from plantmix.demo.world import MISMATCH_CROSS_DOMAIN, MISMATCH_SPECIES  # noqa: E402
 from plantmix.embed.scorer import load_scorer  # noqa: E402
 from plantmix.stages.ingest import make_uid  # noqa: E402
@@ -67,36 +66,25 @@ NAME_TEMPLATES = ("{common} ({scientific})", "a photo of {common}, a type of pla
 
 def read_downloads(build: Path) -> list[dict]:
     """Every successfully downloaded sample: uid, source, image (PIL), caption."""
-    rows = []
-    for source in sorted(SOURCE_OF.values()):
-        for tar_path in sorted((build / "download" / source).glob("*.tar")):
-            with tarfile.open(tar_path) as tar:
-                members = {m.name: m for m in tar.getmembers()}
-                for name in sorted(n for n in members if n.endswith(".json")):
-                    stem = name[: -len(".json")]
-                    meta = json.loads(tar.extractfile(members[name]).read())
-                    image = Image.open(io.BytesIO(tar.extractfile(members[stem + ".jpg"]).read())).convert("RGB")
-                    rows.append({"uid": meta["uid"], "source": source, "image": image, "caption": meta["caption"] or ""})
-    return rows
+    return [{"uid": meta["uid"], "source": source, "image": _rgb(jpg), "caption": meta["caption"] or ""}
+            for source in sorted(SOURCE_OF.values())
+            for tar_path in sorted((build / "download" / source).glob("*.tar"))
+            for _, meta, jpg in read_pairs(tar_path)]
 
 
-def read_pairs(path: Path) -> list[dict]:
+def _rgb(jpg: bytes) -> Image.Image:
+    return Image.open(io.BytesIO(jpg)).convert("RGB")
+
+
+def world_pairs(path: Path) -> list[dict]:
     """(image, caption, domain) of every sample of a world pair shard (validation/, pretrain/)."""
     if not path.is_file():
         return []
-    out = []
-    with tarfile.open(path) as tar:
-        members = {m.name: m for m in tar.getmembers()}
-        for name in sorted(n for n in members if n.endswith(".json")):
-            stem = name[: -len(".json")]
-            meta = json.loads(tar.extractfile(members[name]).read())
-            image = Image.open(io.BytesIO(tar.extractfile(members[stem + ".jpg"]).read())).convert("RGB")
-            out.append({"image": image, "caption": meta["caption"], "domain": meta["domain"]})
-    return out
+    return [{"image": _rgb(jpg), "caption": meta["caption"], "domain": meta["domain"]} for _, meta, jpg in read_pairs(path)]
 
 
 def read_validation_images(world: Path, domain: str) -> list[Image.Image]:
-    return [s["image"] for s in read_pairs(world / "validation" / domain / "00000.tar")]
+    return [s["image"] for s in world_pairs(world / "validation" / domain / "00000.tar")]
 
 
 # ---------------------------------------------------------------- metrics
@@ -360,7 +348,7 @@ def main() -> None:
     eval_paths = sorted(str(p.relative_to(world)) for p in (world / "eval").rglob("*.png"))
     eval_emb = scorer.encode_images([Image.open(world / p).convert("RGB") for p in eval_paths])
     validation = {d: scorer.encode_images(read_validation_images(world, d)) for d in ("plant", "general")}
-    pretrain = read_pairs(world / "pretrain" / "00000.tar")
+    pretrain = world_pairs(world / "pretrain" / "00000.tar")
     supports = {"validation": validation,
                 "pretrain": {d: scorer.encode_images([p["image"] for p in pretrain if p["domain"] == d]) for d in ("plant", "general")}}
     report = {
@@ -368,8 +356,8 @@ def main() -> None:
         "relevance": relevance_study(img, rows, text_prototypes(scorer, world), supports, validation),
         "clip_score": clip_score_study(img, txt, rows),
         "clip_score_calibrated": clip_calibrated_figures(
-            (img * txt).sum(1), rows, clip_calibration(scorer, read_pairs(world / "validation" / "plant" / "00000.tar")
-                                                       + read_pairs(world / "validation" / "general" / "00000.tar"))),
+            (img * txt).sum(1), rows, clip_calibration(scorer, world_pairs(world / "validation" / "plant" / "00000.tar")
+                                                       + world_pairs(world / "validation" / "general" / "00000.tar"))),
         "semantic_dedup": semantic_study(img, rows),
         "decontamination": eval_study(img, rows, eval_emb, eval_paths),
     }

@@ -23,6 +23,8 @@ from __future__ import annotations
 
 import io
 import json
+import tarfile
+from collections.abc import Iterator
 from pathlib import Path
 
 import webdataset as wds
@@ -56,6 +58,17 @@ def _write_pairs(path: Path, samples: list[dict]) -> None:
         for s in samples:
             meta = json.dumps(s["meta"], sort_keys=True, ensure_ascii=False)
             w.write({"__key__": s["key"], "jpg": s["jpg"], "txt": s["meta"]["caption"].encode(), "json": meta.encode()})
+
+
+
+def read_pairs(path: Path) -> Iterator[tuple[str, dict, bytes]]:
+    """(key, json metadata, jpg bytes) of every sample of a json + jpg shard (the world's pair shards,
+    img2dataset's download tars), in key order."""
+    with tarfile.open(path) as tar:
+        members = {m.name: m for m in tar.getmembers()}
+        for name in sorted(n for n in members if n.endswith(".json")):
+            key = name[: -len(".json")]
+            yield key, json.loads(tar.extractfile(members[name]).read()), tar.extractfile(members[key + ".jpg"]).read()
 
 
 def _plant_pairs(selected, config, guard, per_species: int, stream: int = _PLANT_VALIDATION_STREAM,
