@@ -87,15 +87,18 @@ def done_marker(output: Path) -> Path:
     return output.with_name(output.name + ".done.json")
 
 
+def read_json_object(path: Path) -> dict | None:
+    """The JSON object in `path` (a marker, a record), or None when it is missing, unreadable or not an object."""
+    try:
+        value = json.loads(Path(path).read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return None
+    return value if isinstance(value, dict) else None
+
+
 def is_done(output: Path, key: str) -> bool:
     """True when `output` exists and was completed with fingerprint `key`."""
-    marker = done_marker(output)
-    if not (Path(output).exists() and marker.exists()):
-        return False
-    try:
-        return json.loads(marker.read_text()).get("key") == key
-    except (OSError, ValueError):
-        return False
+    return Path(output).exists() and (read_json_object(done_marker(output)) or {}).get("key") == key
 
 
 def mark_done(output: Path, key: str, **info: Any) -> None:

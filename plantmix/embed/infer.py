@@ -43,7 +43,7 @@ import pyarrow.parquet as pq
 from plantmix.core.errors import PlantmixError
 from plantmix.core.members import split_member
 from plantmix.core.recipe import ScorerConfig
-from plantmix.core.stage import atomic_write_text, fingerprint, listing
+from plantmix.core.stage import atomic_write_text, fingerprint, listing, read_json_object
 from plantmix.embed.scorer import ScorerSpec, load_scorer, parse_model, register
 from plantmix.embed.store import EMBEDDINGS_DIR, ShardFiles, normalise, shard_files
 from plantmix.embed.workers import SPARK_DAEMON, worker_env
@@ -237,12 +237,7 @@ def tar_keys(tar: Path, image_key: str) -> tuple[str, ...]:
 
 
 def _is_current(files: ShardFiles, key: str) -> bool:
-    if not all(p.exists() for p in files.all()):
-        return False
-    try:
-        return json.loads(files.marker.read_text()).get("key") == key
-    except (OSError, ValueError):
-        return False
+    return all(p.exists() for p in files.all()) and (read_json_object(files.marker) or {}).get("key") == key
 
 
 def _remove_shards(folder: Path, keep: set[str]) -> int:

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 import shutil
 import tempfile
 from pathlib import Path
@@ -19,7 +18,8 @@ from plantmix.core.lock import directory_lock
 from plantmix.core.overlap import ahead
 from plantmix.core.recipe import ResourcesConfig
 from plantmix.core.stage import (
-    atomic_path, clear_done, done_marker, fingerprint, mark_done, remove_stale_temporaries, require_columns,
+    atomic_path, clear_done, done_marker, fingerprint, mark_done, read_json_object, remove_stale_temporaries,
+    require_columns,
 )
 from plantmix.mix.verify import VerifyReport, file_record, output_intact, read_marker, record_matches, verify_shards
 from plantmix.mix.select import Selection, read_selection_columns, select
@@ -219,17 +219,10 @@ def mix_damage(mix_dir: Path, select_key: str, final_key: str) -> list[str]:
 def previous_mix(mix_dir: Path) -> dict | None:
     """What an existing mix dir was made with (spec, manifest_fingerprint, recipe_hash), from its
     final marker, else its dataset.json, else its selection's marker; None when nothing is there."""
-    for found in (read_marker(mix_dir / "dataset.json"), _read_json(mix_dir / "dataset.json"), read_marker(mix_dir / "manifest.parquet")):
+    for found in (read_marker(mix_dir / "dataset.json"), read_json_object(mix_dir / "dataset.json"), read_marker(mix_dir / "manifest.parquet")):
         if isinstance(found, dict) and isinstance(found.get("spec"), dict):
             return found
     return None
-
-
-def _read_json(path: Path) -> dict | None:
-    try:
-        return json.loads(path.read_text())
-    except (OSError, ValueError):
-        return None
 
 
 def check_same_mix(mix_dir: Path, spec: MixSpec, manifest_fp: str, force: bool) -> None:

@@ -32,7 +32,7 @@ from rich.table import Table
 
 from plantmix.core.errors import PlantmixError
 from plantmix.core.members import IMAGE_EXTS, split_member
-from plantmix.core.stage import done_marker, file_digest
+from plantmix.core.stage import done_marker, file_digest, read_json_object
 
 MAX_PROBLEMS_PER_SHARD = 20
 ALWAYS_HASHED_BYTES = 1 << 20  # files up to this size are hashed on every check: it costs nothing
@@ -65,11 +65,7 @@ def record_matches(path: Path, record: dict | None, marker: Path) -> bool:
 
 def read_marker(output: Path) -> dict | None:
     """The JSON of an output's `.done.json` marker, or None when it is missing or unreadable."""
-    try:
-        marker = json.loads(done_marker(output).read_text())
-    except (OSError, ValueError):
-        return None
-    return marker if isinstance(marker, dict) else None
+    return read_json_object(done_marker(output))
 
 
 def output_intact(output: Path, key: str, *records: str) -> bool:

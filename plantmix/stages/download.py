@@ -40,7 +40,9 @@ import pyarrow.parquet as pq
 from plantmix.core.errors import PlantmixError
 from plantmix.core.members import IMAGE_EXTS, split_member
 from plantmix.core.recipe import DownloadConfig
-from plantmix.core.stage import atomic_write_text, clear_done, done_marker, is_done, listing, mark_done, write_parquet
+from plantmix.core.stage import (
+    atomic_write_text, clear_done, done_marker, is_done, listing, mark_done, read_json_object, write_parquet,
+)  # fmt: skip
 from plantmix.stages.safe_fetch import FetchPolicy
 
 # img2dataset settings we fix: the manifest contract depends on them.
@@ -218,10 +220,7 @@ def _start_spark(processes: int) -> None:
 
 
 def _kill_leftover(started: Path) -> None:
-    try:
-        pgid = json.loads(started.read_text()).get("pgid")
-    except (OSError, ValueError):
-        return
+    pgid = (read_json_object(started) or {}).get("pgid")
     if pgid:
         try:
             os.killpg(pgid, signal.SIGKILL)
@@ -246,13 +245,13 @@ def download_source(
     out_dir = Path(out_dir)
     settings, shards = settings_key(cfg), shard_keys(rows, cfg)
     key = _combine(settings, shards)
-    marker = _read_json(done_marker(out_dir))
+    marker = read_json_object(done_marker(out_dir)) or {}
     if is_done(out_dir, key) and _unchanged(out_dir, marker.get("outputs")):
         return {"skipped": True}
     started = out_dir.with_name(out_dir.name + ".started.json")
     _kill_leftover(started)
     clear_done(out_dir)
-    _keep_valid_shards(out_dir, settings, shards, previous=_read_json(started) or marker)
+    _keep_valid_shards(out_dir, settings, shards, previous=read_json_object(started) or marker)
     # img2dataset keeps its split of the input list in `_tmp/`; a resumed run may fetch from another
     # address (the demo server's port changes), so the split is always rebuilt from the fresh input.
     shutil.rmtree(out_dir / "_tmp", ignore_errors=True)
@@ -291,14 +290,6 @@ def download_source(
     mark_done(out_dir, key, rows=rows.num_rows, settings=settings, shards=shards, outputs=listing(out_dir), **summary)
     started.unlink(missing_ok=True)
     return summary
-
-
-def _read_json(path: Path) -> dict:
-    try:
-        value = json.loads(Path(path).read_text())
-    except (OSError, ValueError):
-        return {}
-    return value if isinstance(value, dict) else {}
 
 
 _SHARD_FILE = re.compile(r"^(\d+)(?:\.tar|\.parquet|_stats\.json)$")
