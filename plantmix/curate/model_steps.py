@@ -211,7 +211,7 @@ def _needs_scorer(r: Recipe) -> bool:
 
 
 def score_stage(ctx) -> Stage:
-    from plantmix.stages.steps import _progress
+    from plantmix.stages.steps import progress_bar
 
     r = ctx.recipe
     joined = ctx.path("stages", "joined.parquet")
@@ -234,7 +234,7 @@ def score_stage(ctx) -> Stage:
         columns = ["uid", "source", "domain", "keep", "sha256", "phash", *TAXA_COLUMNS, *_KEEP_RULE]
         table = pq.read_table(joined, columns=columns)
         emb = read_embeddings(ctx.build_dir, text=r.clip_score is not None)
-        with _progress(ctx.console) as bar:
+        with progress_bar(ctx.console) as bar:
             tasks: dict[str, int] = {}
 
             def progress(name: str, done: int, total: int) -> None:

@@ -8,11 +8,12 @@ strategy too (local mode, `resources.workers` cores).
 
 from __future__ import annotations
 
-from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+from rich.progress import TextColumn
 
 from plantmix.core.stage import Stage
 from plantmix.embed.infer import embed_sources
 from plantmix.embed.store import EMBEDDINGS_DIR, finished_shards
+from plantmix.stages.steps import progress_bar
 
 
 def embed_stage(ctx) -> Stage:
@@ -20,10 +21,7 @@ def embed_stage(ctx) -> Stage:
     sources = [s.name for s in recipe.sources]
 
     def run() -> bool:
-        with Progress(
-            TextColumn("{task.description:<28}"), BarColumn(), MofNCompleteColumn(), TextColumn("{task.fields[tars]}"),
-            TimeElapsedColumn(), console=ctx.console, transient=False,
-        ) as progress:  # fmt: skip
+        with progress_bar(ctx.console, TextColumn("{task.fields[tars]}")) as progress:
             task = progress.add_task("embed (images)", total=None, tars="")
 
             def show(images: int, images_total: int, tars: int, tars_total: int) -> None:

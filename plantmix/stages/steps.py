@@ -8,7 +8,7 @@ from pathlib import Path
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
 from rich.console import Console
-from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, ProgressColumn, TextColumn, TimeElapsedColumn
 
 from plantmix.core.errors import PlantmixError
 from plantmix.core.stage import Stage
@@ -68,7 +68,7 @@ def download_stage(ctx) -> Stage:
 
     def run() -> bool:
         did = False
-        with _progress(ctx.console) as progress:
+        with progress_bar(ctx.console) as progress:
             for source in ctx.recipe.sources:
                 rows = fetchable_rows(candidates, source.name)
                 task = progress.add_task(f"download {source.name}", total=None)
@@ -102,7 +102,7 @@ def _url_rewrite(ctx, rows: int) -> dict[str, str] | None:
 
 def hashes_stage(ctx) -> Stage:
     def run() -> bool:
-        with _progress(ctx.console) as progress:
+        with progress_bar(ctx.console) as progress:
             task = progress.add_task("perceptual hashes (shards)", total=None)
             return hash_shards(
                 ctx.path("download"), ctx.path("hashes"), workers=ctx.recipe.resources.workers,
@@ -129,9 +129,10 @@ def join_stage(ctx) -> Stage:
     )  # fmt: skip
 
 
-def _progress(console: Console) -> Progress:
+def progress_bar(console: Console, *extra: ProgressColumn) -> Progress:
+    """The build's progress bars: task, bar, done/total, any `extra` columns, elapsed time."""
     return Progress(
-        TextColumn("{task.description:<28}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
+        TextColumn("{task.description:<28}"), BarColumn(), MofNCompleteColumn(), *extra, TimeElapsedColumn(),
         console=console, transient=False,
     )
 
