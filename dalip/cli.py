@@ -87,6 +87,7 @@ def train(
     seed: Optional[int] = _opt("seed", "--seed"),
     deterministic: Optional[bool] = _opt("deterministic", "--deterministic/--no-deterministic"),
     device: Optional[str] = _opt("device", "--device", text="auto (cuda if available), cpu, cuda, cuda:N or mps"),
+    threads: Optional[int] = _opt("threads", "--threads"),
     data_slots: Optional[int] = _opt("data_slots", "--data-slots"),
     data_phases: Optional[int] = _opt("data_phases", "--data-phases", text="phases per data slot, each read by one worker [default: max(1, workers)]"),
     save_every: Optional[int] = _opt("save_every", "--save-every"),

@@ -142,6 +142,7 @@ class TrainConfig(StrictConfig):
     seed: int = Field(0, ge=0, lt=MAX_SEED, description="seed of the weights, the data order and the augmentations")
     deterministic: bool = Field(False, description="torch.use_deterministic_algorithms, seeded everything")
     device: Device = "auto"
+    threads: Optional[int] = Field(None, ge=1, le=MAX_WORKERS, description="torch intra-op threads of each training process [default: torch's, one per core]; with DataLoader workers on the same cores, fewer threads than cores avoid oversubscription")
 
     # model
     model: str = Field("dalip-tiny", min_length=1, description="open_clip model name or a config in dalip/model_configs")

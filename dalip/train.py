@@ -201,6 +201,8 @@ def _train(cfg: TrainConfig, ddp: Dist) -> dict[str, Any]:
     from dalip.model import create_model
 
     run_dir = cfg.run_dir
+    if cfg.threads is not None:
+        torch.set_num_threads(cfg.threads)
     seed_everything(cfg.seed, cfg.deterministic)
 
     # Resume target first: the data layout (slots, phases) defaults to the checkpoint's.

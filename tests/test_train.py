@@ -174,3 +174,19 @@ def test_augment_shapes_the_train_transform_and_changes_the_run(shards, tmp_path
     for bad, words in ((dict(scale=[0.9, 0.5]), "lower bound exceeds"), (dict(color_jitter=[0.1] * 4), "together")):
         with pytest.raises(DalipError, match=words):
             _cfg(shards, tmp_path, "bad", augment=bad)
+
+
+def test_threads_sets_the_intra_op_threads_and_keeps_the_run(shards, tmp_path):
+    base = torch.get_num_threads()  # 1 here (the one_torch_thread fixture)
+    try:
+        train(_cfg(shards, tmp_path, "two", threads=2))
+        assert torch.get_num_threads() == 2
+    finally:
+        torch.set_num_threads(base)
+    train(_cfg(shards, tmp_path, "default"))
+    assert torch.get_num_threads() == base  # unset: left as it was
+    two = [r["loss"] for r in read_train_log(tmp_path / "two")]
+    default = [r["loss"] for r in read_train_log(tmp_path / "default")]
+    assert two == pytest.approx(default, rel=1e-4)  # the same run, up to the order of float sums
+    with pytest.raises(DalipError, match="threads"):
+        _cfg(shards, tmp_path, "bad", threads=0)
