@@ -118,3 +118,24 @@ def test_too_few_pairs_is_a_clear_error(checkpoint, tmp_path):
     model, preprocess, tokenizer, _ = load_for_eval(checkpoint)
     with pytest.raises(DalipError, match="3 pairs, fewer than one loss batch of 32"):
         validation_loss(model, preprocess, tokenizer, ValidationSpec(name="v", shards=str(val), domain="plant"), alpha=0.5)
+
+
+def test_pretrain_factor_sizes_the_pretraining_pool_and_only_adds_drawings(small_world, tmp_path):
+    from plantmix.core.recipe import DemoWorldConfig
+    from plantmix.demo.validation import read_pairs
+    from plantmix.demo.world import generate_world
+
+    info = json.loads((small_world / "world.json").read_text())
+    assert info["pretrain_pairs"] == 2 * (3 * 3 + 6)  # the default factor 2: twice the lists' drawings
+    cfg = DemoWorldConfig(species=3, images_per_species=3, heldout_per_species=1, general_images=6, image_size=64,
+                          validation_per_species=2, general_validation=5, classify_per_class=2, pretrain_factor=3)  # fmt: skip
+    larger = generate_world(tmp_path / "w3", cfg)
+    assert json.loads((larger / "world.json").read_text())["pretrain_pairs"] == 3 * (3 * 3 + 6)
+    small = {key: jpg for key, _, jpg in read_pairs(small_world / "pretrain" / "00000.tar")}
+    big = {key: jpg for key, _, jpg in read_pairs(larger / "pretrain" / "00000.tar")}
+    assert len(big) == 45 and all(big.get(key) == jpg for key, jpg in small.items())
+    # the rest of the world does not depend on the pool
+    for name in ("plant_urls.parquet", "general_urls.parquet", "ground_truth.parquet"):
+        assert (larger / name).read_bytes() == (small_world / name).read_bytes()
+    with pytest.raises(ValueError):
+        DemoWorldConfig(pretrain_factor=0)

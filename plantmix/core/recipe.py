@@ -35,6 +35,9 @@ class DemoWorldConfig(_Strict):
     general_validation: int = Field(0, ge=0)
     classify_per_class: int = Field(0, ge=0)
     general_images: int = Field(240, ge=0)
+    # The pretraining pool (pretrain/, plantmix.demo.validation.write_pretrain) holds this many times the
+    # lists' own drawings per domain: the demo's scorer is bootstrapped on it (configs/dalip-scorer.yaml).
+    pretrain_factor: int = Field(2, ge=1, le=64)
     image_size: int = Field(192, ge=32)
     seed: int = 0
     # About this share of URL-list rows carry a planted fault; while > 0, every fault kind appears at least once.

@@ -36,7 +36,6 @@ from plantmix.stages.captions import caption_variants_of
 # Stream ids of the world's seeded generators (training, lists and eval use 1 to 4, model-curation cases 8 to 11).
 _PLANT_VALIDATION_STREAM, _GENERAL_VALIDATION_STREAM, _CLASSIFY_STREAM = 5, 6, 7
 _PLANT_PRETRAIN_STREAM, _GENERAL_PRETRAIN_STREAM, _PRETRAIN_ORDER_STREAM = 12, 13, 14
-PRETRAIN_FACTOR = 2  # the pretraining pool holds this many times the lists' own drawings, per domain
 SCENE_CLASSNAMES = {
     "street": ["a street with houses and cars", "a street"],
     "sea": ["sailboats on the sea", "the sea"],
@@ -128,13 +127,15 @@ def write_validation(root: Path, selected: list, config, guard) -> dict[str, int
 
 
 def write_pretrain(root: Path, selected: list, config, guard) -> int:
-    """Write pretrain/00000.tar (PRETRAIN_FACTOR times the lists' drawings per domain, in a seeded random
-    order so every batch mixes both domains); return its size."""
+    """Write pretrain/00000.tar (config.pretrain_factor times the lists' drawings per domain, in a seeded
+    random order so every batch mixes both domains); return its size. A larger factor only adds drawings:
+    sample j of a species or scene is the same whatever the factor."""
     import numpy as np
 
-    plant = _plant_pairs(selected, config, guard, PRETRAIN_FACTOR * config.images_per_species,
+    plant = _plant_pairs(selected, config, guard, config.pretrain_factor * config.images_per_species,
                          _PLANT_PRETRAIN_STREAM, "pretrain")
-    general = _general_pairs(config, guard, PRETRAIN_FACTOR * config.general_images, _GENERAL_PRETRAIN_STREAM, "pretrain")
+    general = _general_pairs(config, guard, config.pretrain_factor * config.general_images, _GENERAL_PRETRAIN_STREAM,
+                             "pretrain")
     samples = plant + general
     order = np.random.default_rng([config.seed, _PRETRAIN_ORDER_STREAM]).permutation(len(samples))
     _write_pairs(Path(root) / "pretrain" / "00000.tar", [samples[i] for i in order])
