@@ -257,7 +257,7 @@ def test_every_option_has_help_and_its_default(monkeypatch, capsys):
     train = dict(_commands(dalip.cli.app))["train"]
     text = " ".join(CliRunner().invoke(train, ["--help"], terminal_width=1000).output.split())
     options = [p for p in train.params if p.name != "config" and p.name != "help"]
-    assert len(options) == 33
+    assert len(options) == 34
     for p in options:
         assert "[default:" in p.help, p.opts
     assert "--lr <float> peak learning rate (AdamW) [default: 0.0005]." in text
