@@ -11,7 +11,9 @@ reason; and dropped for that or another reason that is also right for the row, e
 list dropped as clip_score_low rather than not_a_plant) and its precision (rows dropped for it that the
 truth says deserve it). "Plants in the general list" counts every plant image there, the planted ones
 and the general list's exact copies of plant-list rows (row-level reasons are decided before duplicates).
-A reason whose recipe section the build did not have is "not checked".
+A reason whose recipe section the build did not have is "not checked". The last two columns judge
+the check itself: its proposals (proposals/model_scores.parquet) before the decision step keeps one
+reason per row, in the declared order (a row both checks flag ends with the earlier reason).
 """
 
 from __future__ import annotations
@@ -32,7 +34,7 @@ from plantmix.curate.decide import check_invariants  # noqa: E402
 from plantmix.core.schema import (  # noqa: E402
     DROP_CLIP_SCORE_LOW, DROP_DUPLICATE_SEMANTIC, DROP_EVAL_OVERLAP, DROP_NOT_A_PLANT, DROP_PLANT_IN_GENERAL,
 )
-from plantmix.demo.world import MISMATCH_CROSS_DOMAIN, MISMATCH_SPECIES  # noqa: E402
+from plantmix.demo.world import CAPTION_FAULTS, MISMATCH_CROSS_DOMAIN, MISMATCH_SPECIES  # noqa: E402
 from plantmix.stages.ingest import make_uid  # noqa: E402
 
 COPY_KINDS = ("exact_dup", "near_dup_reencode", "near_dup_resize", "near_dup_crop", "near_dup_mirror",
@@ -53,6 +55,10 @@ RIGHT = {
     DROP_NOT_A_PLANT: lambda g: g["list"] == "plant" and not _plant_image(g),
     DROP_CLIP_SCORE_LOW: lambda g: g.get("caption_mismatch") is not None,
 }
+# A proposal is judged before the caption rules take their rows: a CLIP-score flag on a planted bad
+# caption (empty, garbage, foreign script) is right too.
+BAD_CAPTION_FAULTS = (*CAPTION_FAULTS, "group_empty_caption", "group_garbage_caption")
+PROPOSAL_RIGHT = {**RIGHT, DROP_CLIP_SCORE_LOW: lambda g: RIGHT[DROP_CLIP_SCORE_LOW](g) or g.get("fault") in BAD_CAPTION_FAULTS}
 # (label, reason, which planted rows its recall counts)
 TARGETS = (
     ("eval copies", DROP_EVAL_OVERLAP, RIGHT[DROP_EVAL_OVERLAP]),
@@ -69,7 +75,10 @@ def checked_reasons(build: Path, manifest_columns: list[str]) -> set[str]:
     lock = build / "recipe.lock.yaml"
     if lock.is_file():
         recipe = (yaml.safe_load(lock.read_text()) or {}).get("recipe", {})
-        return {r for r, section in REASON_SECTION.items() if recipe.get(section)}
+        checks = (recipe.get("relevance") or {}).get("check", ["plant", "general"])  # the domains relevance checks
+        unchecked = {reason for reason, domain in ((DROP_NOT_A_PLANT, "plant"), (DROP_PLANT_IN_GENERAL, "general"))
+                     if domain not in checks}
+        return {r for r, section in REASON_SECTION.items() if recipe.get(section)} - unchecked
     columns = {DROP_CLIP_SCORE_LOW: "clip_score", DROP_PLANT_IN_GENERAL: "plant_score", DROP_NOT_A_PLANT: "plant_score",
                DROP_EVAL_OVERLAP: "eval_overlap", DROP_DUPLICATE_SEMANTIC: "semantic_cluster"}
     return {r for r, c in columns.items() if c in manifest_columns}
@@ -79,28 +88,49 @@ def _pct(a: int, b: int) -> str:
     return f"{a}/{b} = {a / b:.1%}" if b else "0/0"
 
 
+def proposed_reasons(build: Path) -> dict[str, set[str]]:
+    """uid -> the row-level model reasons the score stage proposed for it (before the decision step's
+    declared order picks the first reason of each row)."""
+    path = build / "proposals" / "model_scores.parquet"
+    if not path.is_file():
+        return {}
+    out: dict[str, set[str]] = {}
+    for r in pq.read_table(path).to_pylist():
+        out[r["uid"]] = {x for x in (r.get("clip_reason"), r.get("relevance_reason")) if x}
+        if r.get("eval_overlap"):
+            out[r["uid"]].add(DROP_EVAL_OVERLAP)
+        if r.get("route_to"):  # relevance routing moves the row instead of dropping it
+            out[r["uid"]].add(DROP_PLANT_IN_GENERAL)
+    return out
+
+
 def score_model_curation(m: dict[str, dict], truth_of: dict[str, dict], checked: set[str],
-                         group_of: dict[str, str], semantic: list[tuple[str, str]]) -> list[tuple[str, str, str, str]]:
-    """(case, recall, recall by any right reason, precision of the reason) per planted model-curation kind."""
+                         group_of: dict[str, str], semantic: list[tuple[str, str]],
+                         proposed: dict[str, set[str]]) -> list[tuple[str, ...]]:
+    """(case, recall, recall by any right reason, precision of the reason, recall and precision of the
+    check's proposals) per planted model-curation kind."""
     out = []
     for label, reason, is_target in TARGETS:
         if reason not in checked:
-            out.append((f"{label} ({reason})", "not checked", "", ""))
+            out.append((f"{label} ({reason})", "not checked", "", "", "", ""))
             continue
         targets = [u for u, g in truth_of.items() if is_target(g) and m[u]["status"] == "success"]
         hit = sum(m[u]["drop_reason"] == reason for u in targets)
         right_any = sum(RIGHT.get(m[u]["drop_reason"], lambda g: False)(truth_of[u]) for u in targets)
         dropped = [u for u, r in m.items() if r["drop_reason"] == reason]
         right = sum(RIGHT[reason](truth_of[u]) for u in dropped)
-        out.append((f"{label} ({reason})", _pct(hit, len(targets)), _pct(right_any, len(targets)), _pct(right, len(dropped))))
+        flagged = [u for u, r in proposed.items() if reason in r]
+        out.append((f"{label} ({reason})", _pct(hit, len(targets)), _pct(right_any, len(targets)), _pct(right, len(dropped)),
+                    _pct(sum(reason in proposed.get(u, ()) for u in targets), len(targets)),
+                    _pct(sum(PROPOSAL_RIGHT[reason](truth_of[u]) for u in flagged), len(flagged))))
     if DROP_DUPLICATE_SEMANTIC not in checked:
-        out.append((f"semantic duplicates ({DROP_DUPLICATE_SEMANTIC})", "not checked", "", ""))
+        out.append((f"semantic duplicates ({DROP_DUPLICATE_SEMANTIC})", "not checked", "", "", "", ""))
         return out
     head = lambda u: m[u]["dup_of"] or u  # noqa: E731
     found = sum(head(c) == head(o) for c, o in semantic)
     dropped = [u for u, r in m.items() if r["drop_reason"] == DROP_DUPLICATE_SEMANTIC]
     right = sum(group_of.get(u) is not None and group_of.get(u) == group_of.get(m[u]["dup_of"]) for u in dropped)
-    out.append((f"semantic duplicates ({DROP_DUPLICATE_SEMANTIC})", _pct(found, len(semantic)), "", _pct(right, len(dropped))))
+    out.append((f"semantic duplicates ({DROP_DUPLICATE_SEMANTIC})", _pct(found, len(semantic)), "", _pct(right, len(dropped)), "", ""))
     return out
 
 
@@ -151,10 +181,12 @@ def main() -> None:
     for copy, original in semantic:  # every planted copy of one image, re-photographed ones included
         same_image[copy] = same_image.setdefault(original, original)
     truth_of = {uid_of[g["url"]]: g for g in truth}
-    rows = score_model_curation(m, truth_of, checked_reasons(args.build, manifest.column_names), same_image, semantic)
-    print(f"\n{'model curation case':<52} {'recall':<16} {'any right reason':<18} precision of the reason")
-    for label, recall, anyway, precision in rows:
-        print(f"{label:<52} {recall:<16} {anyway:<18} {precision}")
+    rows = score_model_curation(m, truth_of, checked_reasons(args.build, manifest.column_names), same_image, semantic,
+                                proposed_reasons(args.build))
+    print(f"\n{'model curation case':<52} {'recall':<16} {'any right reason':<18} {'precision':<16} "
+          f"{'proposed':<16} proposals' precision")
+    for label, recall, anyway, precision, flagged, flagged_precision in rows:
+        print(f"{label:<52} {recall:<16} {anyway:<18} {precision:<16} {flagged:<16} {flagged_precision}")
 
 
 if __name__ == "__main__":

@@ -23,7 +23,7 @@ from plantmix.core.schema import (
 from plantmix.curate.clip_score import clip_low, clip_scores, domain_thresholds, top_fraction_threshold
 from plantmix.curate.decide import ModelProposals, check_invariants, decide
 from plantmix.curate.model_steps import MODEL_SCORE_SCHEMA
-from plantmix.curate.relevance import plant_clusters, plant_scores, relevance_reasons, taxon_prompts
+from plantmix.curate.relevance import knn_plant_scores, plant_clusters, plant_scores, relevance_reasons, taxon_prompts
 from plantmix.curate.semdedup import SEMANTIC_PAIR_SCHEMA, epsilon_sweep, kmeans, pair_table, semantic_pairs
 
 sys.path.insert(0, str(Path(__file__).parent))
@@ -116,6 +116,29 @@ def test_plant_score_is_the_two_set_softmax():
     assert plant_scores(tilt, plant, general, 0.05)[0] == pytest.approx(1 / (1 + np.exp(-margin)), rel=1e-5)
 
 
+def test_knn_plant_score_is_the_nearest_images_vote():
+    d = 6
+    plant, general = basis(d, 0, 1), basis(d, 2, 3)
+    half = np.array([[1, 0, 1, 0, 0, 0]], np.float32) / np.sqrt(2)
+    x = np.concatenate([basis(d, 0), basis(d, 2), half, basis(d, 5)])
+    assert knn_plant_scores(x, plant, general, 1) == pytest.approx([1.0, 0.0, 0.5, 0.5])
+    # k = 2: (mean of the two plant cosines - mean of the two general ones + 1) / 2
+    assert knn_plant_scores(x, plant, general, 2) == pytest.approx([0.75, 0.25, 0.5, 0.5])
+    assert knn_plant_scores(x, plant, general, 50) == pytest.approx(knn_plant_scores(x, plant, general, 2))  # k > support
+    rng = np.random.default_rng(0)
+    x, plant, general = unit(rng, 300, 8), unit(rng, 40, 8), unit(rng, 30, 8)
+    for k in (1, 7):
+        want = (np.sort(x @ plant.T, 1)[:, -k:].mean(1) - np.sort(x @ general.T, 1)[:, -k:].mean(1) + 1) / 2
+        assert knn_plant_scores(x, plant, general, k) == pytest.approx(want, abs=1e-6)
+
+
+def test_knn_relevance_needs_both_support_folders():
+    for bad, words in ((dict(support_k=5, support_dir="p"), "needs both"), (dict(general_support_dir="g"), "set support_k")):
+        with pytest.raises(ValueError, match=words):
+            RelevanceConfig(**bad)
+    assert RelevanceConfig(support_k=5, support_dir="p", general_support_dir="g").support_dirs() == {"plant": "p", "general": "g"}
+
+
 def test_relevance_policy_per_checked_domain_and_routing():
     domain = np.array(["general", "general", "plant", "plant", "general"], object)
     counted = np.array([True, False, False, True, True])
@@ -150,12 +173,14 @@ def test_centroid_routing_follows_clusters_and_support_images():
     x /= np.linalg.norm(x, axis=1, keepdims=True)
     plant, general = basis(d, 0), basis(d, 2)
     cfg = RelevanceConfig(centroids=3)
-    cluster, is_plant = plant_clusters(x, 3, 0, plant, general, np.zeros((0, d), np.float32), cfg)
+    cluster, is_plant = plant_clusters(x, 3, 0, lambda c: plant_scores(c, plant, general, cfg.temperature),
+                                        np.zeros((0, d), np.float32), cfg.threshold)
     counted = is_plant[cluster]
     assert counted[:40].all() and not counted[40:].any()
     support = (centres[2:] + 0.05 * rng.normal(size=(1, d))).astype(np.float32)
     support /= np.linalg.norm(support)
-    cluster, is_plant = plant_clusters(x, 3, 0, np.concatenate([plant, support]), general, support, cfg)
+    protos = np.concatenate([plant, support])
+    cluster, is_plant = plant_clusters(x, 3, 0, lambda c: plant_scores(c, protos, general, cfg.temperature), support, cfg.threshold)
     counted = is_plant[cluster]
     assert counted[:40].all() and not counted[40:80].any() and counted[80:].all()  # DataComp's image-based rule
 

@@ -187,3 +187,32 @@ def test_invariants_funnel_and_reports(built):
     assert len(sweep) == 5  # header + the three report epsilons + the recipe's
     semantic = pc.sum(pc.equal(m["drop_reason"], "duplicate_semantic")).as_py() or 0
     assert pairs.num_rows > 0 and semantic > 0
+
+
+def test_knn_relevance_scores_by_the_support_folders(built, tmp_path):
+    """support_k: plant_score from the nearest plant and general support images (here the sources' own
+    folders, so every row's nearest support image is itself); a missing folder is one error line."""
+    from plantmix.curate.model_steps import model_proposals
+    from plantmix.embed.store import read_embeddings
+
+    build, recipe, _, _, _ = built
+    root = build.parent
+    relevance = {"support_dir": "plant", "general_support_dir": "general", "support_k": 3, "threshold": 0.5,
+                 "check": ["plant", "general"]}
+    knn = Recipe.model_validate({**recipe.model_dump(), "relevance": relevance})
+    joined = pq.read_table(build / "stages" / "joined.parquet")
+    emb = read_embeddings(build, text=False)
+    scorer = load_scorer(knn.scorer, root)
+    scores, _ = model_proposals(joined, emb, knn.model_copy(update={"clip_score": None, "semantic_dedup": None,
+                                                                   "decontaminate": None}),
+                                scorer, supports={"plant": root / "plant", "general": root / "general"})
+    s = pa.table({"domain": joined["domain"], "plant_score": scores["plant_score"]}).filter(pc.is_valid(scores["plant_score"]))
+    plant = s.filter(pc.equal(s["domain"], "plant"))["plant_score"].to_numpy()
+    general = s.filter(pc.equal(s["domain"], "general"))["plant_score"].to_numpy()
+    assert len(plant) and len(general) and plant.min() > 0.5 > general.max()
+    assert scores["relevance_reason"].null_count == scores.num_rows  # each row sits in its own side's folder
+    with contextlib.ExitStack() as stack:
+        missing = knn.model_copy(update={"relevance": knn.relevance.model_copy(update={"general_support_dir": "nowhere"})})
+        ctx = BuildContext(missing, build, root, None, make_console(), stack)
+        with pytest.raises(Exception, match="relevance.general_support_dir: .*nowhere does not exist"):
+            score_stage(ctx).inputs()

@@ -216,7 +216,9 @@ class RelevanceConfig(_Strict):
     plants.
 
     plant_score = exp(s_p / T) / (exp(s_p / T) + exp(s_g / T)), s_p and s_g the image's largest cosine
-    to a plant and to a general prototype, T = `temperature` (0.01: CLIP's logit scale of 100).
+    to a plant and to a general prototype, T = `temperature` (0.01: CLIP's logit scale of 100). With
+    `support_k` > 0 it comes from images alone, a k-nearest-neighbour vote: (m_p - m_g + 1) / 2, m_p and
+    m_g the mean cosine of the image's k nearest `support_dir` and `general_support_dir` images.
     """
 
     threshold: float = Field(0.5, ge=0, le=1)
@@ -228,9 +230,23 @@ class RelevanceConfig(_Strict):
     general_prompts: list[str] = Field(default_factory=lambda: [
         "a photo of an object", "a photo of a scene", "a photo of a building", "a photo of a vehicle",
     ])  # fmt: skip
-    support_dir: str | None = None  # image folder (relative to the recipe, may use {demo}); class subfolders allowed
+    support_dir: str | None = None  # plant images (relative to the recipe, may use {demo}); class subfolders allowed
+    general_support_dir: str | None = None  # images that are not plants, likewise (read with support_k)
+    support_k: int = Field(0, ge=0)  # > 0: plant_score by the k nearest support images of each side
     centroids: int = Field(0, ge=0)
     temperature: float = Field(0.01, gt=0, le=1)
+
+    @model_validator(mode="after")
+    def _supports(self) -> "RelevanceConfig":
+        if self.support_k and not (self.support_dir and self.general_support_dir):
+            raise ValueError("support_k needs both support_dir (plant images) and general_support_dir (other images)")
+        if self.general_support_dir and not self.support_k:
+            raise ValueError("general_support_dir is read only by the nearest-neighbour score: set support_k > 0")
+        return self
+
+    def support_dirs(self) -> dict[str, str]:
+        """The support folders given, by the side they stand for (plant, general)."""
+        return {side: d for side, d in (("plant", self.support_dir), ("general", self.general_support_dir)) if d}
 
 
 class SemanticDedupConfig(_Strict):
@@ -298,7 +314,7 @@ class Recipe(_Strict):
         if any("{demo}" in s.path for s in self.sources) and self.demo_world is None:
             raise ValueError("a source path uses {demo} but the recipe has no demo_world section")
         folders = [*(self.decontaminate.eval_sets if self.decontaminate else []),
-                   *([self.relevance.support_dir] if self.relevance and self.relevance.support_dir else [])]  # fmt: skip
+                   *(self.relevance.support_dirs().values() if self.relevance else [])]  # fmt: skip
         if any("{demo}" in f for f in folders) and self.demo_world is None:
             raise ValueError("an eval set or support_dir uses {demo} but the recipe has no demo_world section")
         needs = [n for n in ("clip_score", "relevance", "semantic_dedup") if getattr(self, n) is not None]

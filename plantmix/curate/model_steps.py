@@ -40,16 +40,18 @@ MODEL_SCORE_SCHEMA = pa.schema([
 # what the score stage reads of the joined rows: keep rule, hashes, domain and taxa for the prompts
 _KEEP_RULE = ["width", "height", "original_width", "original_height", "stored_bytes", "original_bytes"]
 Progress = Callable[[str, int, int], None]  # (task, done, total)
+SUPPORT_KEYS = {"plant": "support_dir", "general": "general_support_dir"}  # relevance's support folders by side
 
 
 def model_proposals(
     joined: pa.Table, emb: Embeddings, recipe: Recipe, scorer=None, eval_roots: list[Path] = (),
-    support_root: Path | None = None, reports: Path | None = None, progress: Progress | None = None,
+    supports: dict[str, Path] | None = None, reports: Path | None = None, progress: Progress | None = None,
 ) -> tuple[pa.Table, pa.Table]:
     """(model_scores, semantic_pairs) of `joined` (module doc); reports go under `reports` when given.
 
     `scorer` (plantmix.embed.scorer.Scorer) encodes prompts, support and eval images; it is needed only
-    by relevance and by decontamination with `embedding_cosine`.
+    by relevance and by decontamination with `embedding_cosine`. `supports`: relevance's support
+    image folders by side (plant, general).
     """
     from plantmix.curate.semdedup import SEMANTIC_PAIR_SCHEMA
 
@@ -61,7 +63,7 @@ def model_proposals(
     if recipe.clip_score is not None:
         columns.update(_clip(n, rows, image, text, domain, recipe))
     if recipe.relevance is not None:
-        columns.update(_relevance(joined, n, rows, image, domain, recipe, scorer, support_root, reports))
+        columns.update(_relevance(joined, n, rows, image, domain, recipe, scorer, supports or {}, reports))
     pairs = SEMANTIC_PAIR_SCHEMA.empty_table()
     if recipe.semantic_dedup is not None:
         cluster, pairs = _semantic(joined, rows, image, recipe, reports, progress)
@@ -114,24 +116,35 @@ def _clip(n, rows, image, text, domain, recipe: Recipe) -> dict[str, pa.Array]:
             "clip_reason": _strings(n, rows, np.where(low, DROP_CLIP_SCORE_LOW, None))}  # fmt: skip
 
 
-def _relevance(joined, n, rows, image, domain, recipe: Recipe, scorer, support_root, reports) -> dict[str, pa.Array]:
+def _relevance(joined, n, rows, image, domain, recipe: Recipe, scorer, supports: dict[str, Path], reports) -> dict[str, pa.Array]:
     from plantmix.curate.images import encode_files, image_files
-    from plantmix.curate.relevance import TAXA_COLUMNS, leakage_report, plant_clusters, plant_scores, relevance_reasons, taxon_prompts
+    from plantmix.curate.relevance import (
+        TAXA_COLUMNS, knn_plant_scores, leakage_report, plant_clusters, plant_scores, relevance_reasons, taxon_prompts,
+    )
 
     cfg = recipe.relevance
     if scorer is None:
         raise PlantmixError("relevance: needs the scorer model to encode its prompts")
-    plant_rows = joined.filter(pc.equal(joined["domain"], "plant")).select(TAXA_COLUMNS)
-    plant = scorer.encode_text(taxon_prompts(plant_rows) + list(cfg.plant_prompts))
-    general = scorer.encode_text(list(cfg.general_prompts))
-    support = np.zeros((0, plant.shape[1]), np.float32)
-    if support_root is not None:
-        vectors, _ = encode_files(scorer, image_files(support_root, "relevance.support_dir"))
-        support = vectors if len(vectors) else support
-    prototypes = np.concatenate([plant, support])
-    score = plant_scores(image, prototypes, general, cfg.temperature)
+    support = {side: encode_files(scorer, image_files(folder, f"relevance.{SUPPORT_KEYS[side]}"))[0]
+               for side, folder in supports.items()}  # fmt: skip
+    plant_support = support.get("plant", np.zeros((0, image.shape[1]), np.float32))
+    if cfg.support_k:
+        for side, vectors in support.items():
+            if not len(vectors):
+                raise PlantmixError(f"relevance: no image of {supports[side]} could be decoded")
+
+        def score_of(x: np.ndarray) -> np.ndarray:
+            return knn_plant_scores(x, support["plant"], support["general"], cfg.support_k)
+    else:
+        plant_rows = joined.filter(pc.equal(joined["domain"], "plant")).select(TAXA_COLUMNS)
+        prototypes = np.concatenate([scorer.encode_text(taxon_prompts(plant_rows) + list(cfg.plant_prompts)), plant_support])
+        general = scorer.encode_text(list(cfg.general_prompts))
+
+        def score_of(x: np.ndarray) -> np.ndarray:
+            return plant_scores(x, prototypes, general, cfg.temperature)
+    score = score_of(image)
     if cfg.centroids:
-        cluster, is_plant = plant_clusters(image, cfg.centroids, recipe.seed, prototypes, general, support, cfg)
+        cluster, is_plant = plant_clusters(image, cfg.centroids, recipe.seed, score_of, plant_support, cfg.threshold)
         counted = is_plant[cluster]
     else:
         counted = score >= np.float32(cfg.threshold)
@@ -189,8 +202,9 @@ def _decontaminate(joined, rows, image, recipe: Recipe, scorer, eval_roots, repo
 # ---- the stage ---------------------------------------------------------------------------------------
 
 
-def resolved_folders(ctx) -> tuple[list[Path], Path | None]:
-    """(eval set folders, support folder) of the recipe, `{demo}` expanded, relative to the recipe."""
+def resolved_folders(ctx) -> tuple[list[Path], dict[str, Path]]:
+    """(eval set folders, relevance's support folders by side) of the recipe, `{demo}` expanded,
+    relative to the recipe."""
     from plantmix.stages.ingest import resolve_path
 
     r = ctx.recipe
@@ -198,12 +212,12 @@ def resolved_folders(ctx) -> tuple[list[Path], Path | None]:
     for p in evals:
         if not p.is_dir():
             raise PlantmixError(f"decontaminate.eval_sets: {p} does not exist or is not a directory")
-    support = None
-    if r.relevance is not None and r.relevance.support_dir:
-        support = Path(resolve_path(r.relevance.support_dir, ctx.base_dir, ctx.demo_dir, "relevance"))
-        if not support.is_dir():
-            raise PlantmixError(f"relevance.support_dir: {support} does not exist or is not a directory")
-    return evals, support
+    supports = {}
+    for side, folder in (r.relevance.support_dirs() if r.relevance is not None else {}).items():
+        supports[side] = Path(resolve_path(folder, ctx.base_dir, ctx.demo_dir, "relevance"))
+        if not supports[side].is_dir():
+            raise PlantmixError(f"relevance.{SUPPORT_KEYS[side]}: {supports[side]} does not exist or is not a directory")
+    return evals, supports
 
 
 def _needs_scorer(r: Recipe) -> bool:
@@ -218,14 +232,14 @@ def score_stage(ctx) -> Stage:
     out, pairs_out = ctx.path("proposals", "model_scores.parquet"), ctx.path("proposals", "semantic_pairs.parquet")
 
     def inputs() -> list[Path]:
-        evals, support = resolved_folders(ctx)
+        evals, supports = resolved_folders(ctx)
         markers = sorted(ctx.path(EMBEDDINGS_DIR).glob("*/*.done.json"))
-        return [joined, *markers, *evals, *([support] if support else [])]
+        return [joined, *markers, *evals, *supports.values()]
 
     def run() -> pa.Table:
         from plantmix.curate.relevance import TAXA_COLUMNS
 
-        evals, support = resolved_folders(ctx)
+        evals, supports = resolved_folders(ctx)
         scorer = None
         if _needs_scorer(r):
             from plantmix.embed.scorer import load_scorer
@@ -242,7 +256,7 @@ def score_stage(ctx) -> Stage:
                     tasks[name] = bar.add_task(name, total=total)
                 bar.update(tasks[name], completed=done, total=total)
 
-            scores, pairs = model_proposals(table, emb, r, scorer, evals, support, ctx.path("reports"), progress)
+            scores, pairs = model_proposals(table, emb, r, scorer, evals, supports, ctx.path("reports"), progress)
         write_parquet(pairs, pairs_out)
         return scores
 

@@ -8,6 +8,10 @@ Taking the best prototype of each set (not a sum over prototypes) keeps thousand
 from outvoting a handful of general prompts. Support images compare image to image, where cosines
 run higher than image to text, so they widen the plant side: add them when the prompts miss a domain.
 
+With `support_k` = k > 0 the score uses images alone, a k-nearest-neighbour vote that needs no prompt
+to name what a domain looks like: (m_p - m_g + 1) / 2 with m_p, m_g the mean cosine of the image's k
+nearest plant (`support_dir`) and non-plant (`general_support_dir`) support images.
+
 Routing with `centroids` > 0 (DataComp's image-based filter): faiss k-means over the pool's image
 embeddings; a cluster is plant when its centroid scores at least the threshold, or when it is the
 nearest cluster of a support image; every row of the cluster follows it.
@@ -19,6 +23,7 @@ drop: its caption names a species its image does not show).
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
@@ -66,14 +71,32 @@ def plant_scores(x: np.ndarray, plant: np.ndarray, general: np.ndarray, temperat
     return (1 / (1 + np.exp(-np.clip(margin, -80, 80)))).astype(np.float32)
 
 
+def nearest_mean(x: np.ndarray, support: np.ndarray, k: int) -> np.ndarray:
+    """Each row's mean cosine to its k nearest support vectors (all of them when there are fewer)."""
+    k = min(k, len(support))
+    out = np.empty(len(x), np.float32)
+    p = np.ascontiguousarray(support, np.float32)
+    step = max(1, _CHUNK_CELLS // max(1, len(p)))
+    for s in range(0, len(x), step):
+        sims = x[s : s + step].astype(np.float32) @ p.T
+        out[s : s + step] = np.partition(sims, len(p) - k, axis=1)[:, len(p) - k :].mean(axis=1)
+    return out
+
+
+def knn_plant_scores(x: np.ndarray, plant_support: np.ndarray, general_support: np.ndarray, k: int) -> np.ndarray:
+    """plant_score in [0, 1] by the k nearest support images of each side (module doc)."""
+    return ((nearest_mean(x, plant_support, k) - nearest_mean(x, general_support, k) + 1) / 2).astype(np.float32)
+
+
 def plant_clusters(
-    x: np.ndarray, k: int, seed: int, plant: np.ndarray, general: np.ndarray, support: np.ndarray, cfg: RelevanceConfig
+    x: np.ndarray, k: int, seed: int, score: Callable[[np.ndarray], np.ndarray], support: np.ndarray, threshold: float
 ) -> tuple[np.ndarray, np.ndarray]:
-    """(cluster of each row, whether each cluster counts as plant) for `centroids` routing (module doc)."""
+    """(cluster of each row, whether each cluster counts as plant) for `centroids` routing (module doc);
+    `score` gives embeddings their plant_score."""
     from plantmix.curate.semdedup import kmeans
 
     centroids, cluster = kmeans(x, k, seed)
-    is_plant = plant_scores(centroids, plant, general, cfg.temperature) >= np.float32(cfg.threshold)
+    is_plant = score(centroids) >= np.float32(threshold)
     if len(support):
         is_plant[np.argmax(np.ascontiguousarray(support, np.float32) @ centroids.T, axis=1)] = True
     return cluster, is_plant

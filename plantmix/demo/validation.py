@@ -128,7 +128,8 @@ def write_validation(root: Path, selected: list, config, guard) -> dict[str, int
 
 def write_pretrain(root: Path, selected: list, config, guard) -> int:
     """Write pretrain/00000.tar (config.pretrain_factor times the lists' drawings per domain, in a seeded
-    random order so every batch mixes both domains); return its size. A larger factor only adds drawings:
+    random order so every batch mixes both domains) and its images as support/{plant,general}/KEY.jpg;
+    return its size. A larger factor only adds drawings:
     sample j of a species or scene is the same whatever the factor."""
     import numpy as np
 
@@ -139,4 +140,10 @@ def write_pretrain(root: Path, selected: list, config, guard) -> int:
     samples = plant + general
     order = np.random.default_rng([config.seed, _PRETRAIN_ORDER_STREAM]).permutation(len(samples))
     _write_pairs(Path(root) / "pretrain" / "00000.tar", [samples[i] for i in order])
+    # the same images as folders per domain: support images for relevance's nearest-neighbour score
+    for domain, pairs in (("plant", plant), ("general", general)):
+        folder = Path(root) / "support" / domain
+        folder.mkdir(parents=True)
+        for s in pairs:
+            (folder / f"{s['key']}.jpg").write_bytes(s["jpg"])
     return len(samples)

@@ -14,6 +14,7 @@
     eval/<genus_species>/NNNN.png, eval/classnames.json   held-out images of the same species
     validation/{plant,general}/00000.tar, classify/         per-domain validation (plantmix.demo.validation)
     pretrain/00000.tar      pairs of the same world for bootstrapping the scorer model (plantmix.demo.validation)
+    support/{plant,general}/ the pretraining pairs' images per domain (relevance's support images)
 
 URLs use the port-free base DEMO_BASE_URL, so uids stay stable across runs; the pipeline rewrites the
 prefix to the live server's address (see plantmix.demo.server.live_url) at download time.
@@ -45,7 +46,7 @@ from plantmix.core.schema import TAXON_COLUMNS, TAXON_RANKS, species_folder
 from plantmix.core.stage import atomic_path, write_parquet
 
 DEMO_BASE_URL = "http://plantmix-demo.invalid"
-WORLD_VERSION = 3  # 2: curation cases (mirrored copies, a bad-caption group, a label conflict); 3: model-curation cases
+WORLD_VERSION = 4  # 2: curation cases (mirrored copies, a bad-caption group, a label conflict); 3: model-curation cases; 4: support folders
 SPECIES_TABLE = "demo_species.csv"
 LISTS = ("plant", "general")
 
