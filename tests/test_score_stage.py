@@ -189,7 +189,7 @@ def test_invariants_funnel_and_reports(built):
     assert pairs.num_rows > 0 and semantic > 0
 
 
-def test_knn_relevance_scores_by_the_support_folders(built, tmp_path):
+def test_knn_relevance_scores_by_the_support_folders(built):
     """support_k: plant_score from the nearest plant and general support images (here the sources' own
     folders, so every row's nearest support image is itself); a missing folder is one error line."""
     from plantmix.curate.model_steps import model_proposals

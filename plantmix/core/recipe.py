@@ -205,6 +205,9 @@ class ClipScoreConfig(_Strict):
         return self
 
 
+SUPPORT_FIELDS = {"plant": "support_dir", "general": "general_support_dir"}  # relevance's support folders by side
+
+
 class RelevanceConfig(_Strict):
     """Plant relevance (plant_score): similarity to plant prototypes vs general ones, in [0, 1].
 
@@ -246,7 +249,7 @@ class RelevanceConfig(_Strict):
 
     def support_dirs(self) -> dict[str, str]:
         """The support folders given, by the side they stand for (plant, general)."""
-        return {side: d for side, d in (("plant", self.support_dir), ("general", self.general_support_dir)) if d}
+        return {side: getattr(self, key) for side, key in SUPPORT_FIELDS.items() if getattr(self, key)}
 
 
 class SemanticDedupConfig(_Strict):

@@ -20,7 +20,7 @@ import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
 from plantmix.core.errors import PlantmixError
-from plantmix.core.recipe import MODEL_CHECKS, Recipe
+from plantmix.core.recipe import MODEL_CHECKS, SUPPORT_FIELDS, Recipe
 from plantmix.core.stage import Stage, write_parquet
 from plantmix.embed.store import EMBEDDINGS_DIR, Embeddings, read_embeddings
 
@@ -40,7 +40,6 @@ MODEL_SCORE_SCHEMA = pa.schema([
 # what the score stage reads of the joined rows: keep rule, hashes, domain and taxa for the prompts
 _KEEP_RULE = ["width", "height", "original_width", "original_height", "stored_bytes", "original_bytes"]
 Progress = Callable[[str, int, int], None]  # (task, done, total)
-SUPPORT_KEYS = {"plant": "support_dir", "general": "general_support_dir"}  # relevance's support folders by side
 
 
 def model_proposals(
@@ -125,7 +124,7 @@ def _relevance(joined, n, rows, image, domain, recipe: Recipe, scorer, supports:
     cfg = recipe.relevance
     if scorer is None:
         raise PlantmixError("relevance: needs the scorer model to encode its prompts")
-    support = {side: encode_files(scorer, image_files(folder, f"relevance.{SUPPORT_KEYS[side]}"))[0]
+    support = {side: encode_files(scorer, image_files(folder, f"relevance.{SUPPORT_FIELDS[side]}"))[0]
                for side, folder in supports.items()}  # fmt: skip
     plant_support = support.get("plant", np.zeros((0, image.shape[1]), np.float32))
     if cfg.support_k:
@@ -216,7 +215,7 @@ def resolved_folders(ctx) -> tuple[list[Path], dict[str, Path]]:
     for side, folder in (r.relevance.support_dirs() if r.relevance is not None else {}).items():
         supports[side] = Path(resolve_path(folder, ctx.base_dir, ctx.demo_dir, "relevance"))
         if not supports[side].is_dir():
-            raise PlantmixError(f"relevance.{SUPPORT_KEYS[side]}: {supports[side]} does not exist or is not a directory")
+            raise PlantmixError(f"relevance.{SUPPORT_FIELDS[side]}: {supports[side]} does not exist or is not a directory")
     return evals, supports
 
 
