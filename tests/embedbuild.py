@@ -15,7 +15,8 @@ from scorer_fixtures import write_tiny_scorer
 
 ROOT = Path(__file__).resolve().parents[1]
 WORLD = {"species": 4, "images_per_species": 6, "heldout_per_species": 1, "general_images": 20, "fault_rate": 0.1,
-         "validation_per_species": 0, "general_validation": 0, "classify_per_class": 0, "image_size": 64}  # fmt: skip
+         "validation_per_species": 0, "general_validation": 0, "classify_per_class": 0, "image_size": 64,
+         "pretrain_factor": 1}  # fmt: skip
 _BUILT: dict[str, Path] = {}
 
 

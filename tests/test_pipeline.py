@@ -25,7 +25,8 @@ pytestmark = pytest.mark.slow
 # The demo recipe's model-based sections need the bootstrapped scorer `make demo` trains: these tests
 # exercise the rule-based chain (tests/test_score_stage.py and test_embed.py cover the model sections).
 RULES_ONLY = ("scorer", "clip_score", "relevance", "semantic_dedup", "decontaminate")
-SMALL_WORLD = {"species": 8, "images_per_species": 12, "heldout_per_species": 2, "general_images": 80}
+# pretrain_factor 1: no test here trains a scorer, and the demo's 16x pool cost each build ~7 s
+SMALL_WORLD = {"species": 8, "images_per_species": 12, "heldout_per_species": 2, "general_images": 80, "pretrain_factor": 1}
 
 
 def small_recipe(tmp_path: Path, **download) -> Path:
