@@ -21,7 +21,7 @@ import pyarrow.parquet as pq
 from plantmix.core.recipe import FilterConfig, Recipe, SourceConfig
 from plantmix.core.schema import CANDIDATE_SCHEMA, CAPTION_TEMPLATES, DROP_MISSING_URL, DROP_UNSUPPORTED_SCHEME, TAXON_COLUMNS, TAXON_RANKS
 from plantmix.core.stage import atomic_path
-from plantmix.mix.run import MIX_FIELDS
+from plantmix.mix.manifest import MIX_FIELDS
 from plantmix.mix.select import Selection
 from plantmix.stages.ingest import DROP_MISSING_IMAGE, SourceIngestReport, make_uid, resolve_source_path
 

@@ -336,7 +336,7 @@ def _mix_stage(stage: str, run: Path, rows: int) -> dict:
     saved = np.load(run / "selection.npz")
     sel = Selection(saved["row"], saved["repeat"], saved["repeated"], saved["position"], {})
     if stage == "mix-manifest":
-        from plantmix.mix.run import write_mix_manifest
+        from plantmix.mix.manifest import write_mix_manifest
 
         write_mix_manifest(manifest, sel, run / "mix" / "manifest.parquet", spec.shard_size, recipe_for(run).resources)
     else:

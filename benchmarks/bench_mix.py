@@ -32,7 +32,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
-from plantmix.mix.run import write_mix_manifest
+from plantmix.mix.manifest import write_mix_manifest
 from plantmix.mix.select import fnv1a64, read_selection_columns, select, selection_keys, shuffle_keys, splitmix64
 from plantmix.mix.spec import MixSpec
 from plantmix.core.schema import CANDIDATE_FIELDS, MANIFEST_EXTRA_FIELDS

@@ -33,7 +33,7 @@ import pyarrow.parquet as pq
 import webdataset as wds
 from PIL import Image
 
-from plantmix.mix.run import write_mix_manifest
+from plantmix.mix.manifest import write_mix_manifest
 from plantmix.mix.select import read_selection_columns, select
 from plantmix.mix.spec import MixSpec
 from plantmix.core.schema import CANDIDATE_FIELDS, MANIFEST_EXTRA_FIELDS

@@ -1,120 +1,25 @@
-"""Run one mix: select, write the mix manifest in shard order, shard it, document it."""
+"""Run one mix: select, write the mix manifest in shard order (plantmix.mix.manifest), shard it, document it."""
 
 from __future__ import annotations
 
 import shutil
-import tempfile
 from pathlib import Path
-
-import numpy as np
-import pyarrow as pa
-import pyarrow.compute as pc
-import pyarrow.parquet as pq
 
 from rich.console import Console
 
 from plantmix.core.errors import PlantmixError
 from plantmix.core.lock import directory_lock
-from plantmix.core.overlap import ahead
 from plantmix.core.recipe import ResourcesConfig
 from plantmix.core.stage import (
-    atomic_path, clear_done, done_marker, fingerprint, mark_done, read_json_object, remove_stale_temporaries,
+    clear_done, done_marker, fingerprint, mark_done, read_json_object, remove_stale_temporaries,
     require_columns,
 )
+from plantmix.mix.manifest import write_mix_manifest
 from plantmix.mix.verify import VerifyReport, file_record, output_intact, read_marker, record_matches, verify_shards
-from plantmix.mix.select import Selection, read_selection_columns, select
+from plantmix.mix.select import read_selection_columns, select
 from plantmix.mix.spec import MixSpec
 
-MIX_FIELDS = [
-    pa.field("mix_key", pa.string()),  # the sample key in the shards: uid, or uid-<repeat> when repeated
-    pa.field("mix_repeat", pa.int32()),
-    pa.field("mix_position", pa.int64()),  # global shuffled position
-    pa.field("mix_shard", pa.int64()),  # = mix_position // shard_size
-]
 _MIX_VERSION = 1  # bump when the selection or the mix manifest layout changes
-
-
-def write_mix_manifest(
-    manifest: Path, sel: Selection, out: Path, shard_size: int, resources: ResourcesConfig | None = None
-) -> None:
-    """Gather the selected rows of the build manifest, in shard order, into `out`.
-
-    Two streaming passes, memory bounded by one manifest row group and one bucket of
-    `resources.batch_rows` rows (rounded to whole shards): (1) read the manifest a row group at a time
-    and append each selected row, once per copy, to the spill file of its output bucket (a range of
-    shards); (2) per bucket, order by position and write one row group per shard, so the shard writer
-    reads shard i as row group i.
-    """
-    resources = resources or ResourcesConfig()
-    bucket_rows = max(1, resources.batch_rows // shard_size) * shard_size
-    target = pa.schema([f.with_nullable(True) for f in pq.read_schema(manifest)] + MIX_FIELDS)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    with atomic_path(out) as tmp, tempfile.TemporaryDirectory(dir=out.parent, prefix=".spill-") as spill:
-        buckets = _spill_by_bucket(manifest, sel, shard_size, bucket_rows, target, Path(spill))
-        # One writer thread encodes every row: it bounds the stage's wall time. Snappy costs it a quarter
-        # less than zstd (the file is ~1.8x larger; the shard writer reads it once); statistics only
-        # where readers filter (by shard, position): string statistics cost a fifth of the write.
-        with pq.ParquetWriter(tmp, target, compression="snappy", use_dictionary=False,
-                              write_statistics=["mix_shard", "mix_position"]) as writer:
-            for path, part in ahead(_sorted_bucket, buckets):
-                writer.write_table(part, row_group_size=shard_size)
-                path.unlink()
-        if not buckets:
-            pq.write_table(target.empty_table(), tmp, compression="zstd")
-
-
-def _spill_by_bucket(
-    manifest: Path, sel: Selection, shard_size: int, bucket_rows: int, target: pa.Schema, spill: Path
-) -> list[Path]:
-    """Pass 1 of write_mix_manifest: selected rows (with their mix columns) → one IPC file per bucket."""
-    by_row = np.argsort(sel.row, kind="stable")
-    rows_sorted = sel.row[by_row]
-    n_buckets = -(-len(sel) // bucket_rows)
-    paths = [spill / f"bucket-{k:05d}.arrow" for k in range(n_buckets)]
-    options = pa.ipc.IpcWriteOptions(compression="lz4")
-    writers = [pa.ipc.new_file(str(p), target, options=options) for p in paths]
-    pf = pq.ParquetFile(manifest)
-    starts = np.cumsum([0] + [pf.metadata.row_group(i).num_rows for i in range(pf.num_row_groups)])
-
-    def picked_rows(rg: int) -> tuple[pa.Table, np.ndarray] | None:
-        """Row group rg's selected rows, grouped by bucket, and the bucket boundaries."""
-        a, b = np.searchsorted(rows_sorted, starts[rg : rg + 2])
-        if a == b:
-            return None
-        picked = by_row[a:b]
-        bucket = sel.position[picked] // bucket_rows
-        order = np.argsort(bucket, kind="stable")
-        picked, bucket = picked[order], bucket[order]
-        # a reader per call: two loads run at once, and one parquet reader is not meant to be shared
-        rows = pq.ParquetFile(manifest, metadata=pf.metadata).read_row_group(rg).take(pa.array(sel.row[picked] - starts[rg]))
-        return _with_mix_columns(rows, sel, picked, shard_size).cast(target), np.searchsorted(bucket, np.arange(n_buckets + 1))
-
-    for _, result in ahead(picked_rows, range(pf.num_row_groups), depth=2):
-        if result is not None:
-            part, bounds = result
-            for k in np.flatnonzero(np.diff(bounds)):
-                writers[k].write_table(part.slice(bounds[k], bounds[k + 1] - bounds[k]))
-    for w in writers:
-        w.close()
-    return paths
-
-
-def _sorted_bucket(path: Path) -> pa.Table:
-    """Pass 2's input: one spilled bucket, in mix_position order."""
-    with pa.OSFile(str(path)) as source:
-        part = pa.ipc.open_file(source).read_all()
-    return part.take(pa.array(np.argsort(part["mix_position"].to_numpy(), kind="stable")))
-
-
-def _with_mix_columns(rows: pa.Table, sel: Selection, picked: np.ndarray, shard_size: int) -> pa.Table:
-    """Append mix_key (uid, or uid-<repeat> in a repeated domain), mix_repeat, mix_position, mix_shard."""
-    repeat = pa.array(sel.repeat[picked], pa.int32())
-    position = sel.position[picked]
-    suffixed = pc.binary_join_element_wise(rows["uid"], repeat.cast(pa.string()), "-")
-    key = pc.if_else(pa.array(sel.repeated[picked]), suffixed, rows["uid"])
-    return (rows.append_column("mix_key", key).append_column("mix_repeat", repeat)
-            .append_column("mix_position", pa.array(position, pa.int64()))
-            .append_column("mix_shard", pa.array(position // shard_size, pa.int64())))
 
 
 def run_mix(

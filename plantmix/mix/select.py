@@ -11,23 +11,23 @@ of a larger one. Both hashes are published algorithms, vectorised here with nump
 
 from __future__ import annotations
 
-import math
-import tempfile
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Literal
+from typing import TYPE_CHECKING
 
 import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
 from plantmix.core.text import string_buffers
 from plantmix.core.errors import PlantmixError, ShortfallError
 from plantmix.core.schema import DOMAINS
-from plantmix.core.stage import atomic_path, fingerprint, is_done, mark_done, require_columns
+from plantmix.core.stage import require_columns
+
+if TYPE_CHECKING:
+    from plantmix.mix.spec import MixSpec
 
 # ---- stable hashing ---------------------------------------------------------------------------
 
