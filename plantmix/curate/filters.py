@@ -40,7 +40,7 @@ FILENAME_LIKE = (
     rf"[{_WORD}-]*(\.{_IMAGE_EXT})?[{_SPACE}]*$"
     rf"|^[{_SPACE}]*[{_WORD}-]+\.{_IMAGE_EXT}[{_SPACE}]*$"
 )
-_CHUNK_ROWS = 1 << 18  # rows per compute task: threads share the work, temporaries stay small
+_CHUNK_ROWS = 1 << 16  # rows per compute task: threads share the work, temporaries stay small
 
 
 def filter_reasons(table: pa.Table, cfg: FilterConfig, threads: int | None = None) -> pa.Array:
