@@ -144,9 +144,10 @@ def _gather_codes(manifest: Path, sel: Selection, spill: Path) -> dict[str, tupl
         np.save(path, found[1][row_at])
         return found[0], np.load(path, mmap_mode="r")
 
+    names = _coded_candidates(manifest, pf)
     with ThreadPoolExecutor(2) as pool:  # Arrow's reads and numpy's gathers release the GIL
-        found = dict(zip(names := _coded_candidates(manifest, pf), pool.map(gather, names)))
-    return {name: f for name, f in found.items() if f is not None}
+        found = list(pool.map(gather, names))
+    return {name: f for name, f in zip(names, found) if f is not None}
 
 
 def _coded_bucket(dictionary: pa.Array, codes: np.ndarray, start: int, n: int, shard_size: int) -> pa.ChunkedArray:
