@@ -67,6 +67,12 @@ def _shuffled_selection(n_rows: int, n: int, seed: int = 1) -> Selection:
     return Selection(row, repeat, np.zeros(n, bool), rng.permutation(n).astype(np.int64), {})
 
 
+def _dictionary_columns(path) -> set[str]:
+    """Columns whose first row group was written with a dictionary page: the ones that travelled as codes."""
+    rg = pq.read_metadata(path).row_group(0)
+    return {rg.column(i).path_in_schema for i in range(rg.num_columns) if rg.column(i).has_dictionary_page}
+
+
 def test_repeating_strings_travel_as_codes_and_read_back_as_the_same_strings(tmp_path):
     world = _coded_world()
     path = tmp_path / "manifest.parquet"
@@ -79,7 +85,7 @@ def test_repeating_strings_travel_as_codes_and_read_back_as_the_same_strings(tmp
     for name in want.column_names:
         assert got[name].to_pylist() == want[name].to_pylist(), name
     meta = pq.read_metadata(out)
-    coded = {meta.row_group(0).column(i).path_in_schema for i in range(meta.num_columns) if meta.row_group(0).column(i).has_dictionary_page}
+    coded = _dictionary_columns(out)
     assert {"few", "many", "empty"} <= coded and not {"uid", "unique", "mix_key"} & coded
     # each row group holds only the values it uses of a large dictionary, so the file does not grow by a
     # whole dictionary per shard
@@ -99,8 +105,7 @@ def test_a_column_past_the_dictionary_budget_is_gathered_whole(tmp_path, monkeyp
     sel = _shuffled_selection(world.num_rows, 4_000)
     out = tmp_path / "mix.parquet"
     write_mix_manifest(path, sel, out, shard_size=100, resources=ResourcesConfig(batch_rows=1_000))
-    meta = pq.read_metadata(out).row_group(0)
-    coded = {meta.column(i).path_in_schema for i in range(meta.num_columns) if meta.column(i).has_dictionary_page}
+    coded = _dictionary_columns(out)
     assert "few" in coded and "many" not in coded
     got, want = pq.read_table(out), plain_mix_manifest(world, sel, shard_size=100)
     for name in want.column_names:

@@ -2,7 +2,7 @@
 
 Most of its bytes are strings that repeat (source, status, license, taxonomy and the captions made
 from it), so those columns travel as dictionary codes: read from the build manifest's dictionary
-pages, unified once into one dictionary per column, gathered as int32 codes in mix order and written
+pages, unified once into one dictionary per column, gathered as int16/int32 codes in mix order and written
 as a dictionary per row group. The other columns are gathered whole through a spill by bucket. Both
 give the same rows; readers see plain string columns either way.
 """
